@@ -1,0 +1,25 @@
+"""poolkit: one gRPC channel object backed by a balanced, health-checked pool of connections.
+
+    import poolkit
+    channel = poolkit.insecure_channel("dns:///echo.internal:50051")
+    stub = EchoStub(channel)  # any generated stub, unchanged
+
+`poolkit.aio` mirrors `grpc.aio`; `poolkit.testing` starts real servers for tests.
+"""
+
+from ._channel import Channel, insecure_channel, secure_channel
+from ._config import PoolConfig
+from ._errors import ConfigError, PoolClosedError, PoolkitError, PoolUnavailableError
+from ._version import __version__
+
+__all__ = [
+    "Channel",
+    "ConfigError",
+    "PoolClosedError",
+    "PoolConfig",
+    "PoolUnavailableError",
+    "PoolkitError",
+    "__version__",
+    "insecure_channel",
+    "secure_channel",
+]

@@ -1,0 +1,445 @@
+"""The sync shell: `poolkit.Channel`, a `grpc.Channel` backed by a pool of grpc channels.
+
+Per call: ask the core for a slot, call that slot's own grpc multicallable, report the
+outcome back. Everything else (which slot, what counts) is the core's business. The
+multicallables are built once per (method, slot) and kept, so a call constructs nothing
+but what grpc itself does.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from ._config import PoolConfig
+from ._errors import ConfigError
+from ._pool import PoolState, Slot
+from ._target import Endpoint, parse_target
+
+_OK = grpc.StatusCode.OK
+ChannelOptions = Sequence[tuple[str, Any]]
+Serializer = Callable[[Any], bytes] | None
+Deserializer = Callable[[bytes], Any] | None
+ConnectivityCallback = Callable[[grpc.ChannelConnectivity], None]
+
+
+def insecure_channel(
+    target: str | Sequence[str], *, config: PoolConfig | None = None, options: ChannelOptions | None = None
+) -> Channel:
+    """A pooled channel to every endpoint of `target`, without TLS."""
+    return Channel(target, None, config=config, options=options)
+
+
+def secure_channel(
+    target: str | Sequence[str],
+    credentials: grpc.ChannelCredentials,
+    *,
+    config: PoolConfig | None = None,
+    options: ChannelOptions | None = None,
+) -> Channel:
+    """A pooled channel to every endpoint of `target` over TLS (and any call credentials
+    composed into `credentials`). Certificates are checked against the name in `target`."""
+    if not isinstance(credentials, grpc.ChannelCredentials):
+        raise ConfigError("credentials", credentials, "must be grpc.ChannelCredentials")
+    return Channel(target, credentials, config=config, options=options)
+
+
+def slot_options(endpoint: Endpoint, options: ChannelOptions) -> list[tuple[str, Any]]:
+    """The grpc options of one slot's channel: the caller's, plus what pooling needs."""
+    names = {name for name, _ in options}
+    extra: list[tuple[str, Any]] = [
+        # Without this, channels with equal targets and options share one connection
+        # through grpc's global subchannel pool, and N slots would be one.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    if "grpc.default_authority" not in names:
+        # The slot dials an IP literal; servers (and TLS) should still see the service name.
+        extra.append(("grpc.default_authority", endpoint.authority))
+    return [*options, *extra]
+
+
+def _validated_options(options: ChannelOptions | None) -> list[tuple[str, Any]]:
+    if options is None:
+        return []
+    result = []
+    for option in options:
+        if not (isinstance(option, tuple) and len(option) == 2 and isinstance(option[0], str)):
+            raise ConfigError("options", option, "each option must be a (name, value) tuple")
+        result.append(option)
+    return result
+
+
+class Channel(grpc.Channel):
+    """A drop-in `grpc.Channel` that balances every call over a pool of connections."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        credentials: grpc.ChannelCredentials | None,
+        *,
+        config: PoolConfig | None = None,
+        options: ChannelOptions | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if config is None:
+            config = PoolConfig()
+        elif not isinstance(config, PoolConfig):
+            raise ConfigError("config", config, "must be a poolkit.PoolConfig")
+        grpc_options = _validated_options(options)
+        endpoints = parse_target(target)
+        name = target if isinstance(target, str) else ",".join(target)
+        self._pool = PoolState(name, endpoints, config, clock=clock, rng=rng or random.Random())
+        self._credentials = credentials
+        self._method_ids: dict[tuple[Any, ...], int] = {}
+        self._subscribers: dict[ConnectivityCallback, None] = {}
+        self._lock = threading.Lock()
+        self._watchers: list[tuple[grpc.Channel, Callable[[grpc.ChannelConnectivity], None]]] = []
+        for slot in self._pool.slots:
+            slot.channel = self._open(slot.route.endpoint, grpc_options)
+        for slot in self._pool.slots:
+            watcher = functools.partial(self._on_slot_state, slot)
+            slot.channel.subscribe(watcher, try_to_connect=config.connect_on_start)
+            self._watchers.append((slot.channel, watcher))
+
+    def _open(self, endpoint: Endpoint, options: ChannelOptions) -> grpc.Channel:
+        slot_opts = slot_options(endpoint, options)
+        if self._credentials is None:
+            return grpc.insecure_channel(endpoint.grpc_target, options=slot_opts)
+        return grpc.secure_channel(endpoint.grpc_target, self._credentials, options=slot_opts)
+
+    # -- the grpc.Channel contract ---------------------------------------------------
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryUnaryMultiCallable:
+        return _UnaryUnary(self, "unary_unary", method, request_serializer, response_deserializer, _registered_method)
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryStreamMultiCallable:
+        return _UnaryStream(self, "unary_stream", method, request_serializer, response_deserializer, _registered_method)
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamUnaryMultiCallable:
+        return _StreamUnary(self, "stream_unary", method, request_serializer, response_deserializer, _registered_method)
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamStreamMultiCallable:
+        return _StreamStream(
+            self, "stream_stream", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def subscribe(self, callback: ConnectivityCallback, try_to_connect: bool = False) -> None:
+        """Call `callback` with the pool's connectivity now and on every change: READY
+        while any connection is ready, else CONNECTING, IDLE, TRANSIENT_FAILURE."""
+        with self._lock:
+            self._subscribers[callback] = None
+            state = self._pool.connectivity
+        if try_to_connect:
+            for slot in self._pool.slots:
+                slot.channel.subscribe(_ignore, try_to_connect=True)
+                slot.channel.unsubscribe(_ignore)
+        callback(state)
+
+    def unsubscribe(self, callback: ConnectivityCallback) -> None:
+        with self._lock:
+            self._subscribers.pop(callback, None)
+
+    def close(self, grace: float | None = None) -> None:
+        """Stop admitting calls, wait up to `grace` seconds for those in flight, then close
+        every connection (cancelling what is still running). Idempotent."""
+        if not self._pool.close(grace):
+            return
+        for channel, watcher in self._watchers:
+            channel.unsubscribe(watcher)
+        for slot in self._pool.slots:
+            slot.channel.close()
+        with self._lock:
+            self._subscribers.clear()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- poolkit's own -------------------------------------------------------------------
+
+    @property
+    def config(self) -> PoolConfig:
+        return self._pool.config
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot: endpoints, slots, their state, calls, errors, EWMA."""
+        return self._pool.describe()
+
+    def __repr__(self) -> str:
+        pool = self._pool
+        state = "closed" if pool.closed else pool.connectivity.name.lower()
+        return f"<poolkit.Channel {pool.target!r} {state} endpoints={len(pool.routes)} in_flight={pool.in_flight}>"
+
+    # -- plumbing for the multicallables -------------------------------------------------
+
+    def _method_id(self, key: tuple[Any, ...]) -> int:
+        with self._lock:
+            return self._method_ids.setdefault(key, len(self._method_ids))
+
+    def _on_slot_state(self, slot: Slot, state: grpc.ChannelConnectivity) -> None:
+        overall = self._pool.set_slot_state(slot, state)
+        if overall is None:
+            return
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            callback(overall)
+
+
+def _ignore(state: grpc.ChannelConnectivity) -> None:
+    pass
+
+
+class _MultiCallable:
+    """What the four kinds share: the method, and each slot's own grpc multicallable."""
+
+    __slots__ = ("_clock", "_deserializer", "_id", "_kind", "_method", "_pool", "_registered", "_serializer")
+
+    def __init__(
+        self,
+        channel: Channel,
+        kind: str,
+        method: str,
+        request_serializer: Serializer,
+        response_deserializer: Deserializer,
+        registered: bool | None,
+    ) -> None:
+        if not isinstance(method, str) or not method.startswith("/"):
+            raise ValueError(f"method={method!r}: must be a full method name like '/package.Service/Method'")
+        self._pool = channel._pool
+        self._clock = channel._pool.clock
+        self._kind = kind
+        self._method = method
+        self._serializer = request_serializer
+        self._deserializer = response_deserializer
+        self._registered = registered
+        self._id = channel._method_id((kind, method, request_serializer, response_deserializer, registered))
+
+    def _bind(self, slot: Slot) -> Any:
+        """This method on `slot`'s grpc channel, made on first use and kept."""
+        make = getattr(slot.channel, self._kind)
+        callable_ = make(self._method, self._serializer, self._deserializer, _registered_method=self._registered)
+        slot.callables[self._id] = callable_
+        return callable_
+
+    def _end_call(self, slot: Slot, started: float | None, call_ref: weakref.ref[Any]) -> None:
+        call = call_ref()
+        # A call collected unfinished was cancelled by grpc on the way out.
+        code = call.code() if call is not None else grpc.StatusCode.CANCELLED
+        self._pool.end(slot, started, None if code is _OK else code)
+
+    def __repr__(self) -> str:
+        return f"<poolkit {self._kind} {self._method}>"
+
+
+class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        pool = self._pool
+        slot = pool.begin()
+        call = slot.callables.get(self._id) or self._bind(slot)
+        started = self._clock()
+        try:
+            response = call(request, timeout, metadata, credentials, wait_for_ready, compression)
+        except grpc.RpcError as error:
+            pool.end(slot, started, error.code())  # type: ignore[attr-defined]
+            raise
+        except BaseException:
+            pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+            raise
+        pool.end(slot, started)
+        return response
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        pool = self._pool
+        slot = pool.begin()
+        call = slot.callables.get(self._id) or self._bind(slot)
+        started = self._clock()
+        try:
+            result = call.with_call(request, timeout, metadata, credentials, wait_for_ready, compression)
+        except grpc.RpcError as error:
+            pool.end(slot, started, error.code())  # type: ignore[attr-defined]
+            raise
+        except BaseException:
+            pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+            raise
+        pool.end(slot, started)
+        return result  # type: ignore[no-any-return]
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return _start(self, request, timeout, metadata, credentials, wait_for_ready, compression, "future", True)
+
+
+class _UnaryStream(_MultiCallable, grpc.UnaryStreamMultiCallable):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return _start(self, request, timeout, metadata, credentials, wait_for_ready, compression, None, False)
+
+
+class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self.with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)[0]
+
+    def with_call(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        pool = self._pool
+        slot = pool.begin()
+        call = slot.callables.get(self._id) or self._bind(slot)
+        try:
+            result = call.with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+        except grpc.RpcError as error:
+            pool.end(slot, None, error.code())  # type: ignore[attr-defined]
+            raise
+        except BaseException:
+            pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+            raise
+        pool.end(slot, None)
+        return result  # type: ignore[no-any-return]
+
+    def future(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return _start(
+            self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, "future", False
+        )
+
+
+class _StreamStream(_MultiCallable, grpc.StreamStreamMultiCallable):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return _start(
+            self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, None, False
+        )
+
+
+def _start(
+    multicallable: _MultiCallable,
+    request: Any,
+    timeout: float | None,
+    metadata: Any,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+    attribute: str | None,
+    sample_latency: bool,
+) -> Any:
+    """Start a call that returns at once (a future, a response stream) and release its
+    slot from grpc's done-callback, which runs whichever way the call ends: response,
+    error, deadline, cancel(), or the call object being dropped unfinished."""
+    pool = multicallable._pool
+    slot = pool.begin()
+    bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+    started = multicallable._clock() if sample_latency else None
+    try:
+        target = getattr(bound, attribute) if attribute else bound
+        call = target(request, timeout, metadata, credentials, wait_for_ready, compression)
+    except BaseException:
+        pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+        raise
+    # add_callback, not add_done_callback: grpc keeps done-callbacks bound to the call
+    # object, which would keep an abandoned stream alive (and its slot busy) until the
+    # server ends it; a plain callback with a weak reference lets grpc cancel it on collection.
+    end = functools.partial(multicallable._end_call, slot, started, weakref.ref(call))
+    if not call.add_callback(end):
+        end()  # already over
+    return call

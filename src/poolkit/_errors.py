@@ -1,0 +1,65 @@
+"""poolkit's exceptions: one root, configuration errors that are ValueErrors, and call
+failures that are grpc.RpcErrors so existing `except grpc.RpcError` handlers keep working."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+
+class PoolkitError(Exception):
+    """The root of every exception poolkit raises itself."""
+
+
+class ConfigError(PoolkitError, ValueError):
+    """A configuration value (a config field, a target, an address) is wrong."""
+
+    def __init__(self, name: str, value: object, why: str) -> None:
+        super().__init__(f"{name}={value!r}: {why}")
+        self.name = name
+        self.value = value
+
+
+class PoolUnavailableError(PoolkitError, grpc.RpcError, grpc.Call):
+    """A call that poolkit could not send anywhere (pool closed, no usable endpoint).
+
+    It is a `grpc.RpcError` and a `grpc.Call` with code UNAVAILABLE, like the error grpc
+    raises for an unreachable server, and its details say why.
+    """
+
+    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> tuple[()]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return f"{self._code.name}: {self._details}"
+
+
+class PoolClosedError(PoolUnavailableError):
+    """A call was made on a poolkit channel after `close()`."""

@@ -1,0 +1,125 @@
+"""Turn a grpc-style target into the endpoints poolkit connects to.
+
+Accepted: "host:port", "dns:///host:port", "dns:host:port", "ipv4:a:p,b:p",
+"ipv6:[a]:p,[b]:p", or a sequence of "host:port" strings. Host names are resolved here,
+so every endpoint is one IP address and every mistake surfaces at construction.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ._errors import ConfigError
+
+DEFAULT_PORT = 443  # grpc's own default when a dns target names no port
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One server address: an IP literal and a port, plus the name it was found under."""
+
+    host: str
+    port: int
+    authority: str  # "name:port" as the caller wrote it; the :authority and TLS name
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    @property
+    def address(self) -> str:
+        """"10.0.0.1:50051" or "[::1]:50051"."""
+        return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """The target a grpc channel to exactly this address is built with."""
+        return f"ipv6:{self.address}" if self.is_ipv6 else f"ipv4:{self.address}"
+
+
+def parse_target(target: str | Sequence[str]) -> list[Endpoint]:
+    """The endpoints `target` names, resolved, in order, without duplicates."""
+    if isinstance(target, str):
+        specs = _split_target(target)
+    elif isinstance(target, Sequence) and all(isinstance(t, str) for t in target):
+        specs = [(t, True) for t in target]
+    else:
+        raise ConfigError("target", target, "must be a string or a sequence of 'host:port' strings")
+    if not specs:
+        raise ConfigError("target", target, "names no endpoint")
+    endpoints: dict[tuple[str, int], Endpoint] = {}
+    for spec, may_resolve in specs:
+        for endpoint in _endpoints_of(spec, may_resolve, target):
+            endpoints.setdefault((endpoint.host, endpoint.port), endpoint)
+    return list(endpoints.values())
+
+
+def _split_target(target: str) -> list[tuple[str, bool]]:
+    """(host:port, may be a name) pairs of a target string."""
+    text = target.strip()
+    if not text:
+        raise ConfigError("target", target, "is empty")
+    scheme, sep, rest = text.partition(":")
+    if scheme in ("ipv4", "ipv6") and sep:
+        return [(part.strip(), False) for part in rest.split(",")] if rest else []
+    if scheme == "dns" and sep:
+        if rest.startswith("//"):
+            authority, slash, rest = rest[2:].partition("/")
+            if authority:
+                raise ConfigError("target", target, "dns targets with a DNS server authority are not supported")
+            if not slash:
+                raise ConfigError("target", target, "expected dns:///host:port")
+        return [(rest, True)]
+    if "://" in text or (sep and not rest[:1].isdigit() and not text.startswith("[")):
+        raise ConfigError("target", target, f"unknown scheme {scheme!r}: use host:port, dns:///, ipv4: or ipv6:")
+    return [(text, True)]
+
+
+def _endpoints_of(spec: str, may_resolve: bool, target: object) -> list[Endpoint]:
+    host, port = _split_host_port(spec, target)
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        return [Endpoint(literal.compressed, port, authority)]
+    if not may_resolve:
+        raise ConfigError("target", target, f"{host!r} is not an IP address (ipv4:/ipv6: targets take literals)")
+    return [Endpoint(ip, port, authority) for ip in _resolve(host, port, target)]
+
+
+def _split_host_port(spec: str, target: object) -> tuple[str, int]:
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("target", target, "has an empty address")
+    if spec.startswith("["):
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ConfigError("target", target, f"malformed IPv6 address {spec!r}")
+        port_text = rest[1:] if rest else ""
+    elif spec.count(":") > 1:
+        raise ConfigError("target", target, f"IPv6 address {spec!r} must be in brackets: [addr]:port")
+    else:
+        host, _, port_text = spec.partition(":")
+    if not host:
+        raise ConfigError("target", target, f"address {spec!r} has no host")
+    if not port_text:
+        return host, DEFAULT_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError("target", target, f"port {port_text!r} of {spec!r} must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _resolve(host: str, port: int, target: object) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        raise ConfigError("target", target, f"cannot resolve {host!r}: {error}") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)))
+    if not addresses:
+        raise ConfigError("target", target, f"{host!r} resolved to no IP address")
+    return addresses

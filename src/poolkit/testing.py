@@ -1,0 +1,376 @@
+"""Real echo + grpc.health.v1 servers on loopback, for tests, examples, the demo and benchmarks.
+
+In-process::
+
+    with poolkit.testing.start_echo_servers(4) as servers:
+        channel = poolkit.insecure_channel(servers.target)
+        stub = poolkit.testing.EchoStub(channel)
+
+In another process (so its CPU is not the client's, and it can be killed or stopped)::
+
+    with poolkit.testing.spawn_echo_servers(4) as servers:
+        ...
+        servers.kill()
+
+`python -m poolkit.testing --count 4` serves until interrupted and prints the addresses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ._proto import echo_pb2, echo_pb2_grpc
+from ._proto.echo_pb2 import EchoRequest, EchoResponse, StatsRequest, StatsResponse
+from ._proto.echo_pb2_grpc import EchoStub
+
+__all__ = [
+    "ECHO_SERVICE",
+    "EchoRequest",
+    "EchoResponse",
+    "EchoServer",
+    "EchoServers",
+    "EchoStub",
+    "SpawnedEchoServers",
+    "StatsRequest",
+    "StatsResponse",
+    "echo_pb2",
+    "echo_pb2_grpc",
+    "spawn_echo_servers",
+    "start_echo_servers",
+]
+
+ECHO_SERVICE = "poolkit.echo.v1.Echo"
+
+
+@dataclass
+class _Counts:
+    calls: int = 0
+    peers: set[str] = field(default_factory=set)
+
+
+class _EchoServicer(echo_pb2_grpc.EchoServicer):
+    def __init__(self, server_id: str, delay: float) -> None:
+        self.server_id = server_id
+        self.delay = delay  # extra latency added to every echo call, in seconds
+        self._lock = threading.Lock()
+        self._counts = _Counts()
+
+    def _arrive(self, request: EchoRequest, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._counts.calls += 1
+            self._counts.peers.add(context.peer())
+        pause = self.delay + request.delay_ms / 1000
+        if pause > 0:
+            time.sleep(pause)
+        if request.fail_code:
+            context.abort(grpc.StatusCode(_status_code(request.fail_code)), request.fail_details)
+
+    def _reply(self, request: EchoRequest, context: grpc.ServicerContext, index: int = 0) -> EchoResponse:
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        return EchoResponse(
+            payload=request.payload,
+            server_id=self.server_id,
+            peer=context.peer(),
+            index=index,
+            metadata=metadata,
+        )
+
+    def Unary(self, request: EchoRequest, context: grpc.ServicerContext) -> EchoResponse:
+        self._arrive(request, context)
+        return self._reply(request, context)
+
+    def ServerStream(self, request: EchoRequest, context: grpc.ServicerContext) -> Iterator[EchoResponse]:
+        self._arrive(request, context)
+        for index in range(max(request.repeat, 1)):
+            if index and request.delay_ms:
+                time.sleep(request.delay_ms / 1000)
+            yield self._reply(request, context, index)
+
+    def ClientStream(self, request_iterator: Iterator[EchoRequest], context: grpc.ServicerContext) -> EchoResponse:
+        payloads = []
+        last = EchoRequest()
+        for request in request_iterator:
+            payloads.append(request.payload)
+            last = request
+        self._arrive(last, context)
+        return self._reply(EchoRequest(payload=b"".join(payloads)), context)
+
+    def BidiStream(self, request_iterator: Iterator[EchoRequest], context: grpc.ServicerContext) -> Iterator[EchoResponse]:
+        for index, request in enumerate(request_iterator):
+            if index == 0:
+                self._arrive(request, context)
+            elif request.delay_ms:
+                time.sleep(request.delay_ms / 1000)
+            if request.fail_code and index:
+                context.abort(grpc.StatusCode(_status_code(request.fail_code)), request.fail_details)
+            yield self._reply(request, context, index)
+
+    def Stats(self, request: StatsRequest, context: grpc.ServicerContext) -> StatsResponse:
+        with self._lock:
+            counts = self._counts
+            if request.reset:
+                self._counts = _Counts()
+        return StatsResponse(server_id=self.server_id, calls=counts.calls, peers=sorted(counts.peers))
+
+    def counts(self) -> _Counts:
+        with self._lock:
+            return _Counts(self._counts.calls, set(self._counts.peers))
+
+
+def _status_code(number: int) -> tuple[int, str]:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.value  # type: ignore[no-any-return]
+    raise ValueError(f"fail_code {number} is not a grpc status code")
+
+
+class EchoServer:
+    """One in-process echo + health server on a loopback port chosen by the kernel."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        *,
+        server_id: str | None = None,
+        delay: float = 0.0,
+        max_workers: int = 16,
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        self.host = host
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=list(options))
+        bracketed = f"[{host}]" if ":" in host else host
+        self.port = self._server.add_insecure_port(f"{bracketed}:0")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}")
+        self.address = f"{bracketed}:{self.port}"
+        self.server_id = server_id or self.address
+        self._echo = _EchoServicer(self.server_id, delay)
+        self.health = health.HealthServicer()
+        echo_pb2_grpc.add_EchoServicer_to_server(self._echo, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self.set_serving(True)
+        self._server.start()
+        self._stopped = False
+
+    @property
+    def delay(self) -> float:
+        return self._echo.delay
+
+    @delay.setter
+    def delay(self, seconds: float) -> None:
+        self._echo.delay = seconds
+
+    @property
+    def calls(self) -> int:
+        """Echo calls served so far (Stats calls not counted)."""
+        return self._echo.counts().calls
+
+    @property
+    def peers(self) -> set[str]:
+        """Distinct client peers seen by echo calls: one per client TCP connection."""
+        return self._echo.counts().peers
+
+    def set_serving(self, serving: bool, service: str = "") -> None:
+        """Flip the grpc.health.v1 status of `service` ("" is the whole server) and the echo service."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in {service, ECHO_SERVICE} if not service else {service}:
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._server.stop(grace).wait()
+
+    def __repr__(self) -> str:
+        return f"<EchoServer {self.address} calls={self.calls}>"
+
+
+class EchoServers(Sequence[EchoServer]):
+    """A group of in-process echo servers; a context manager that stops them all."""
+
+    def __init__(self, servers: Sequence[EchoServer]) -> None:
+        self._servers = list(servers)
+
+    def __getitem__(self, index: int) -> EchoServer:  # type: ignore[override]
+        return self._servers[index]
+
+    def __len__(self) -> int:
+        return len(self._servers)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [s.address for s in self._servers]
+
+    @property
+    def target(self) -> str:
+        """A grpc target naming every server: "ipv4:a:1,b:2" (or "ipv6:..." for IPv6 hosts)."""
+        return _target_for(self.addresses)
+
+    def stop(self, grace: float | None = None) -> None:
+        for server in self._servers:
+            server.stop(grace)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _target_for(addresses: Sequence[str]) -> str:
+    scheme = "ipv6" if addresses and addresses[0].startswith("[") else "ipv4"
+    return f"{scheme}:{','.join(addresses)}"
+
+
+def start_echo_servers(
+    count: int = 1,
+    host: str = "127.0.0.1",
+    *,
+    delays: Sequence[float] = (),
+    max_workers: int = 16,
+    options: Sequence[tuple[str, object]] = (),
+) -> EchoServers:
+    """Start `count` in-process servers on `host`; `delays[i]` adds latency to server i."""
+    servers: list[EchoServer] = []
+    try:
+        for i in range(count):
+            delay = delays[i] if i < len(delays) else 0.0
+            servers.append(EchoServer(host, server_id=f"echo-{i}", delay=delay, max_workers=max_workers, options=options))
+    except BaseException:
+        EchoServers(servers).stop()
+        raise
+    return EchoServers(servers)
+
+
+class SpawnedEchoServers:
+    """Echo servers running in a child process, which the caller can kill, pause or resume.
+
+    The whole group lives in one process: `kill()` takes every server down at once.
+    Spawn one group per server when servers must fail independently.
+    """
+
+    def __init__(self, process: subprocess.Popen[str], addresses: list[str]) -> None:
+        self.process = process
+        self.addresses = addresses
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def target(self) -> str:
+        return _target_for(self.addresses)
+
+    def stats(self, reset: bool = False) -> list[StatsResponse]:
+        """Each server's Stats, asked over a fresh connection that the servers do not count."""
+        results = []
+        for address in self.addresses:
+            with grpc.insecure_channel(address) as channel:
+                results.append(EchoStub(channel).Stats(StatsRequest(reset=reset), timeout=10))
+        return results
+
+    def pause(self) -> None:
+        """SIGSTOP: the servers keep their sockets but answer nothing (a black hole)."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def spawn_echo_servers(
+    count: int = 1,
+    host: str = "127.0.0.1",
+    *,
+    delays: Sequence[float] = (),
+    max_workers: int = 16,
+    options: Sequence[tuple[str, object]] = (),
+    startup_timeout: float = 30.0,
+) -> SpawnedEchoServers:
+    """Start `count` echo servers in one child process and wait until they listen."""
+    args = [sys.executable, "-m", "poolkit.testing", "--count", str(count), "--host", host, "--max-workers", str(max_workers)]
+    args += ["--delays", json.dumps(list(delays)), "--options", json.dumps([list(o) for o in options])]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = _readline_within(process, startup_timeout)
+    try:
+        addresses = json.loads(line)["addresses"]
+    except (ValueError, KeyError):
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"echo server process did not start (said {line!r})") from None
+    return SpawnedEchoServers(process, addresses)
+
+
+def _readline_within(process: subprocess.Popen[str], timeout: float) -> str:
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(process.stdout.readline() if process.stdout else ""), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not result:
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"echo server process did not start within {timeout} s")
+    return result[0]
+
+
+def _serve(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m poolkit.testing", description="Serve echo + health on loopback.")
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--max-workers", type=int, default=16)
+    parser.add_argument("--delays", default="[]", help="JSON list of per-server delays in seconds")
+    parser.add_argument("--options", default="[]", help="JSON list of [name, value] server options")
+    args = parser.parse_args(argv)
+    options = [tuple(o) for o in json.loads(args.options)]
+    servers = start_echo_servers(
+        args.count, args.host, delays=json.loads(args.delays), max_workers=args.max_workers, options=options
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(json.dumps({"addresses": servers.addresses}), flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    servers.stop(grace=1.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve())
