@@ -38,8 +38,9 @@ class PoolConfig:
     """Peak EWMA time constant: how fast old latency samples fade (Finagle's default, 10 s)."""
 
     initial_rtt: float = 0.030
-    """Latency assumed for an endpoint with no samples yet (Linkerd's default, 30 ms):
-    high enough that a new endpoint is tried, low enough that it is tried soon."""
+    """Peak EWMA: what each in-flight call costs on an endpoint with no latency sample yet
+    (Linkerd's default, 30 ms). An idle unsampled endpoint costs nothing, so it is tried
+    at once; this price stops calls piling onto it before its first answer."""
 
     connect_on_start: bool = True
     """Open every connection when the channel is built rather than on its first call."""

@@ -20,7 +20,8 @@ class PeakEwma:
     a lower one is blended in with weight 1 - e^(-Δt/decay) (forget it slowly). Between
     samples the estimate decays towards zero, so a route shunned for being slow is tried
     again after a while instead of being starved forever. Until its first sample a route
-    is assumed to answer in `initial_rtt`.
+    costs nothing while idle and `initial_rtt` per call in flight (Finagle's probing of
+    new nodes, with Linkerd's 30 ms prior as the price of piling on).
     """
 
     __slots__ = ("_cost", "_decay", "_sampled", "_stamp", "pending")
@@ -33,6 +34,10 @@ class PeakEwma:
         self.pending = 0
 
     def load(self, now: float) -> float:
+        if not self._sampled:
+            # Unknown route: free while idle, so it is tried at once, but each call in
+            # flight costs the prior, so calls do not pile onto a route that may be dead.
+            return self._cost * self.pending
         return (self.estimate(now) + _COST_FLOOR) * (self.pending + 1)
 
     def estimate(self, now: float) -> float:
