@@ -1,7 +1,7 @@
 """Regenerate poolkit's protobuf code from protos/, or check that it is current.
 
-    python scripts/gen_protos.py          # write src/poolkit/_proto/
-    python scripts/gen_protos.py --check  # exit 1 if the committed code is stale
+python scripts/gen_protos.py          # write src/poolkit/_proto/
+python scripts/gen_protos.py --check  # exit 1 if the committed code is stale
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import bisect
 import itertools
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from ._metric import LoadMetric
 
@@ -23,7 +23,10 @@ class Node(Protocol):
     def weight(self) -> float: ...
 
 
-class PowerOfTwoChoices:
+N = TypeVar("N", bound=Node)
+
+
+class PowerOfTwoChoices(Generic[N]):
     """Of two distinct nodes drawn at random (in proportion to weight), the one whose
     load per unit of weight is lower. Mitzenmacher's result: nearly the balance of
     scanning every node for the cost of looking at two, and none of the herding that
@@ -31,15 +34,15 @@ class PowerOfTwoChoices:
 
     def __init__(self, rng: random.Random) -> None:
         self._random = rng.random
-        self._nodes: Sequence[Node] = ()
+        self._nodes: Sequence[N] = ()
         self._cumulative: list[float] | None = None  # None while every weight is equal
 
-    def update(self, nodes: Sequence[Node]) -> None:
+    def update(self, nodes: Sequence[N]) -> None:
         self._nodes = tuple(nodes)
         weights = [n.weight for n in self._nodes]
         self._cumulative = None if len(set(weights)) <= 1 else list(itertools.accumulate(weights))
 
-    def pick(self, now: float) -> Node:
+    def pick(self, now: float) -> N:
         nodes = self._nodes
         count = len(nodes)
         if count == 1:
@@ -62,25 +65,25 @@ class PowerOfTwoChoices:
         return bisect.bisect_right(self._cumulative, self._random() * self._cumulative[-1])
 
 
-class RoundRobin:
+class RoundRobin(Generic[N]):
     """Each node in turn. With unequal weights, nginx's smooth weighted round robin:
     every pick adds each node's weight to its credit, takes the node with the most
     credit and charges it the total, so a weight-3 node gets 3 of every 4 picks, spread out."""
 
     def __init__(self, rng: random.Random) -> None:
         self._random = rng
-        self._nodes: Sequence[Node] = ()
+        self._nodes: Sequence[N] = ()
         self._credit: list[float] | None = None
         self._next = 0
 
-    def update(self, nodes: Sequence[Node]) -> None:
+    def update(self, nodes: Sequence[N]) -> None:
         self._nodes = tuple(nodes)
         weights = {n.weight for n in self._nodes}
         self._credit = None if len(weights) <= 1 else [0.0] * len(self._nodes)
         # Start at a random place so that many clients do not all hit node 0 first.
         self._next = self._random.randrange(len(self._nodes)) if self._nodes else 0
 
-    def pick(self, now: float) -> Node:
+    def pick(self, now: float) -> N:
         nodes = self._nodes
         credit = self._credit
         if credit is None:
@@ -96,4 +99,4 @@ class RoundRobin:
         return nodes[best]
 
 
-Picker = PowerOfTwoChoices | RoundRobin
+Picker = PowerOfTwoChoices[N] | RoundRobin[N]

@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
@@ -28,6 +28,17 @@ ChannelOptions = Sequence[tuple[str, Any]]
 Serializer = Callable[[Any], bytes] | None
 Deserializer = Callable[[bytes], Any] | None
 ConnectivityCallback = Callable[[grpc.ChannelConnectivity], None]
+
+if TYPE_CHECKING:  # grpc-stubs makes the multicallables generic; grpc itself does not
+    _UnaryUnaryBase = grpc.UnaryUnaryMultiCallable[Any, Any]
+    _UnaryStreamBase = grpc.UnaryStreamMultiCallable[Any, Any]
+    _StreamUnaryBase = grpc.StreamUnaryMultiCallable[Any, Any]
+    _StreamStreamBase = grpc.StreamStreamMultiCallable[Any, Any]
+else:
+    _UnaryUnaryBase = grpc.UnaryUnaryMultiCallable
+    _UnaryStreamBase = grpc.UnaryStreamMultiCallable
+    _StreamUnaryBase = grpc.StreamUnaryMultiCallable
+    _StreamStreamBase = grpc.StreamStreamMultiCallable
 
 
 def insecure_channel(
@@ -123,7 +134,7 @@ class Channel(grpc.Channel):
         request_serializer: Serializer = None,
         response_deserializer: Deserializer = None,
         _registered_method: bool | None = False,
-    ) -> grpc.UnaryUnaryMultiCallable:
+    ) -> grpc.UnaryUnaryMultiCallable[Any, Any]:
         return _UnaryUnary(self, "unary_unary", method, request_serializer, response_deserializer, _registered_method)
 
     def unary_stream(
@@ -132,7 +143,7 @@ class Channel(grpc.Channel):
         request_serializer: Serializer = None,
         response_deserializer: Deserializer = None,
         _registered_method: bool | None = False,
-    ) -> grpc.UnaryStreamMultiCallable:
+    ) -> grpc.UnaryStreamMultiCallable[Any, Any]:
         return _UnaryStream(self, "unary_stream", method, request_serializer, response_deserializer, _registered_method)
 
     def stream_unary(
@@ -141,7 +152,7 @@ class Channel(grpc.Channel):
         request_serializer: Serializer = None,
         response_deserializer: Deserializer = None,
         _registered_method: bool | None = False,
-    ) -> grpc.StreamUnaryMultiCallable:
+    ) -> grpc.StreamUnaryMultiCallable[Any, Any]:
         return _StreamUnary(self, "stream_unary", method, request_serializer, response_deserializer, _registered_method)
 
     def stream_stream(
@@ -150,7 +161,7 @@ class Channel(grpc.Channel):
         request_serializer: Serializer = None,
         response_deserializer: Deserializer = None,
         _registered_method: bool | None = False,
-    ) -> grpc.StreamStreamMultiCallable:
+    ) -> grpc.StreamStreamMultiCallable[Any, Any]:
         return _StreamStream(
             self, "stream_stream", method, request_serializer, response_deserializer, _registered_method
         )
@@ -183,7 +194,7 @@ class Channel(grpc.Channel):
         with self._lock:
             self._subscribers.clear()
 
-    def __enter__(self) -> Channel:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -266,7 +277,7 @@ class _MultiCallable:
         return f"<poolkit {self._kind} {self._method}>"
 
 
-class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
+class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
     __slots__ = ()
 
     def __call__(
@@ -285,7 +296,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         try:
             response = call(request, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as error:
-            pool.end(slot, started, error.code())  # type: ignore[attr-defined]
+            pool.end(slot, started, error.code())
             raise
         except BaseException:
             pool.end(slot, None, grpc.StatusCode.UNKNOWN)
@@ -309,7 +320,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         try:
             result = call.with_call(request, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as error:
-            pool.end(slot, started, error.code())  # type: ignore[attr-defined]
+            pool.end(slot, started, error.code())
             raise
         except BaseException:
             pool.end(slot, None, grpc.StatusCode.UNKNOWN)
@@ -329,7 +340,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         return _start(self, request, timeout, metadata, credentials, wait_for_ready, compression, "future", True)
 
 
-class _UnaryStream(_MultiCallable, grpc.UnaryStreamMultiCallable):
+class _UnaryStream(_MultiCallable, _UnaryStreamBase):
     __slots__ = ()
 
     def __call__(
@@ -344,7 +355,7 @@ class _UnaryStream(_MultiCallable, grpc.UnaryStreamMultiCallable):
         return _start(self, request, timeout, metadata, credentials, wait_for_ready, compression, None, False)
 
 
-class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
+class _StreamUnary(_MultiCallable, _StreamUnaryBase):
     __slots__ = ()
 
     def __call__(
@@ -373,7 +384,7 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
         try:
             result = call.with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as error:
-            pool.end(slot, None, error.code())  # type: ignore[attr-defined]
+            pool.end(slot, None, error.code())
             raise
         except BaseException:
             pool.end(slot, None, grpc.StatusCode.UNKNOWN)
@@ -395,7 +406,7 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
         )
 
 
-class _StreamStream(_MultiCallable, grpc.StreamStreamMultiCallable):
+class _StreamStream(_MultiCallable, _StreamStreamBase):
     __slots__ = ()
 
     def __call__(
@@ -407,9 +418,7 @@ class _StreamStream(_MultiCallable, grpc.StreamStreamMultiCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return _start(
-            self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, None, False
-        )
+        return _start(self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, None, False)
 
 
 def _start(

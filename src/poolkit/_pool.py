@@ -33,7 +33,7 @@ _SLOW_FAILURES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED})
 class Slot:
     """One grpc channel of a route, and what it has carried."""
 
-    __slots__ = ("calls", "callables", "channel", "errors", "index", "pending", "route", "state")
+    __slots__ = ("callables", "calls", "channel", "errors", "index", "pending", "route", "state")
 
     def __init__(self, route: Route, index: int) -> None:
         self.route = route
@@ -102,7 +102,7 @@ class PoolState:
             )
             for endpoint in endpoints
         ]
-        self._picker: Picker = RoundRobin(rng) if config.balancer == "round_robin" else PowerOfTwoChoices(rng)
+        self._picker: Picker[Route] = RoundRobin(rng) if config.balancer == "round_robin" else PowerOfTwoChoices(rng)
         self._picker.update(self.routes)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -219,7 +219,13 @@ def _describe_route(route: Route, now: float) -> dict[str, Any]:
         "ewma_ms": round(route.metric.estimate(now) * 1000, 3),
         "load": round(route.metric.load(now), 6),
         "slots": [
-            {"index": s.index, "state": s.state.name.lower(), "in_flight": s.pending, "calls": s.calls, "errors": s.errors}
+            {
+                "index": s.index,
+                "state": s.state.name.lower(),
+                "in_flight": s.pending,
+                "calls": s.calls,
+                "errors": s.errors,
+            }
             for s in route.slots
         ],
     }

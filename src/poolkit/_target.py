@@ -31,7 +31,7 @@ class Endpoint:
 
     @property
     def address(self) -> str:
-        """"10.0.0.1:50051" or "[::1]:50051"."""
+        """ "10.0.0.1:50051" or "[::1]:50051"."""
         return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
 
     @property

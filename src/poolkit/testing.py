@@ -111,7 +111,9 @@ class _EchoServicer(echo_pb2_grpc.EchoServicer):
         self._arrive(last, context)
         return self._reply(EchoRequest(payload=b"".join(payloads)), context)
 
-    def BidiStream(self, request_iterator: Iterator[EchoRequest], context: grpc.ServicerContext) -> Iterator[EchoResponse]:
+    def BidiStream(
+        self, request_iterator: Iterator[EchoRequest], context: grpc.ServicerContext
+    ) -> Iterator[EchoResponse]:
         for index, request in enumerate(request_iterator):
             if index == 0:
                 self._arrive(request, context)
@@ -251,7 +253,9 @@ def start_echo_servers(
     try:
         for i in range(count):
             delay = delays[i] if i < len(delays) else 0.0
-            servers.append(EchoServer(host, server_id=f"echo-{i}", delay=delay, max_workers=max_workers, options=options))
+            servers.append(
+                EchoServer(host, server_id=f"echo-{i}", delay=delay, max_workers=max_workers, options=options)
+            )
     except BaseException:
         EchoServers(servers).stop()
         raise
@@ -311,7 +315,9 @@ class SpawnedEchoServers:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -325,7 +331,17 @@ def spawn_echo_servers(
     startup_timeout: float = 30.0,
 ) -> SpawnedEchoServers:
     """Start `count` echo servers in one child process and wait until they listen."""
-    args = [sys.executable, "-m", "poolkit.testing", "--count", str(count), "--host", host, "--max-workers", str(max_workers)]
+    args = [
+        sys.executable,
+        "-m",
+        "poolkit.testing",
+        "--count",
+        str(count),
+        "--host",
+        host,
+        "--max-workers",
+        str(max_workers),
+    ]
     args += ["--delays", json.dumps(list(delays)), "--options", json.dumps([list(o) for o in options])]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
@@ -341,7 +357,9 @@ def spawn_echo_servers(
 
 def _readline_within(process: subprocess.Popen[str], timeout: float) -> str:
     result: list[str] = []
-    reader = threading.Thread(target=lambda: result.append(process.stdout.readline() if process.stdout else ""), daemon=True)
+    reader = threading.Thread(
+        target=lambda: result.append(process.stdout.readline() if process.stdout else ""), daemon=True
+    )
     reader.start()
     reader.join(timeout)
     if not result:
