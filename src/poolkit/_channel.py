@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import random
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -20,13 +19,11 @@ import grpc
 
 from ._config import PoolConfig
 from ._errors import ConfigError
-from ._pool import PoolState, Slot
-from ._target import Endpoint, parse_target
+from ._pool import Slot
+from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
+from ._target import Endpoint
 
 _OK = grpc.StatusCode.OK
-ChannelOptions = Sequence[tuple[str, Any]]
-Serializer = Callable[[Any], bytes] | None
-Deserializer = Callable[[bytes], Any] | None
 ConnectivityCallback = Callable[[grpc.ChannelConnectivity], None]
 
 if TYPE_CHECKING:  # grpc-stubs makes the multicallables generic; grpc itself does not
@@ -62,32 +59,7 @@ def secure_channel(
     return Channel(target, credentials, config=config, options=options)
 
 
-def slot_options(endpoint: Endpoint, options: ChannelOptions) -> list[tuple[str, Any]]:
-    """The grpc options of one slot's channel: the caller's, plus what pooling needs."""
-    names = {name for name, _ in options}
-    extra: list[tuple[str, Any]] = [
-        # Without this, channels with equal targets and options share one connection
-        # through grpc's global subchannel pool, and N slots would be one.
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-    if "grpc.default_authority" not in names:
-        # The slot dials an IP literal; servers (and TLS) should still see the service name.
-        extra.append(("grpc.default_authority", endpoint.authority))
-    return [*options, *extra]
-
-
-def _validated_options(options: ChannelOptions | None) -> list[tuple[str, Any]]:
-    if options is None:
-        return []
-    result = []
-    for option in options:
-        if not (isinstance(option, tuple) and len(option) == 2 and isinstance(option[0], str)):
-            raise ConfigError("options", option, "each option must be a (name, value) tuple")
-        result.append(option)
-    return result
-
-
-class Channel(grpc.Channel):
+class Channel(Pooled, grpc.Channel):
     """A drop-in `grpc.Channel` that balances every call over a pool of connections."""
 
     def __init__(
@@ -100,24 +72,15 @@ class Channel(grpc.Channel):
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        if config is None:
-            config = PoolConfig()
-        elif not isinstance(config, PoolConfig):
-            raise ConfigError("config", config, "must be a poolkit.PoolConfig")
-        grpc_options = _validated_options(options)
-        endpoints = parse_target(target)
-        name = target if isinstance(target, str) else ",".join(target)
-        self._pool = PoolState(name, endpoints, config, clock=clock, rng=rng or random.Random())
+        super().__init__(target, config, options, clock, rng)
         self._credentials = credentials
-        self._method_ids: dict[tuple[Any, ...], int] = {}
         self._subscribers: dict[ConnectivityCallback, None] = {}
-        self._lock = threading.Lock()
         self._watchers: list[tuple[grpc.Channel, Callable[[grpc.ChannelConnectivity], None]]] = []
         for slot in self._pool.slots:
-            slot.channel = self._open(slot.route.endpoint, grpc_options)
+            slot.channel = self._open(slot.route.endpoint, self._grpc_options)
         for slot in self._pool.slots:
             watcher = functools.partial(self._on_slot_state, slot)
-            slot.channel.subscribe(watcher, try_to_connect=config.connect_on_start)
+            slot.channel.subscribe(watcher, try_to_connect=self.config.connect_on_start)
             self._watchers.append((slot.channel, watcher))
 
     def _open(self, endpoint: Endpoint, options: ChannelOptions) -> grpc.Channel:
@@ -202,24 +165,7 @@ class Channel(grpc.Channel):
 
     # -- poolkit's own -------------------------------------------------------------------
 
-    @property
-    def config(self) -> PoolConfig:
-        return self._pool.config
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot: endpoints, slots, their state, calls, errors, EWMA."""
-        return self._pool.describe()
-
-    def __repr__(self) -> str:
-        pool = self._pool
-        state = "closed" if pool.closed else pool.connectivity.name.lower()
-        return f"<poolkit.Channel {pool.target!r} {state} endpoints={len(pool.routes)} in_flight={pool.in_flight}>"
-
-    # -- plumbing for the multicallables -------------------------------------------------
-
-    def _method_id(self, key: tuple[Any, ...]) -> int:
-        with self._lock:
-            return self._method_ids.setdefault(key, len(self._method_ids))
+    # -- plumbing -------------------------------------------------------------------------
 
     def _on_slot_state(self, slot: Slot, state: grpc.ChannelConnectivity) -> None:
         overall = self._pool.set_slot_state(slot, state)
@@ -235,46 +181,14 @@ def _ignore(state: grpc.ChannelConnectivity) -> None:
     pass
 
 
-class _MultiCallable:
-    """What the four kinds share: the method, and each slot's own grpc multicallable."""
-
-    __slots__ = ("_clock", "_deserializer", "_id", "_kind", "_method", "_pool", "_registered", "_serializer")
-
-    def __init__(
-        self,
-        channel: Channel,
-        kind: str,
-        method: str,
-        request_serializer: Serializer,
-        response_deserializer: Deserializer,
-        registered: bool | None,
-    ) -> None:
-        if not isinstance(method, str) or not method.startswith("/"):
-            raise ValueError(f"method={method!r}: must be a full method name like '/package.Service/Method'")
-        self._pool = channel._pool
-        self._clock = channel._pool.clock
-        self._kind = kind
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
-        self._registered = registered
-        self._id = channel._method_id((kind, method, request_serializer, response_deserializer, registered))
-
-    def _bind(self, slot: Slot) -> Any:
-        """This method on `slot`'s grpc channel, made on first use and kept."""
-        make = getattr(slot.channel, self._kind)
-        callable_ = make(self._method, self._serializer, self._deserializer, _registered_method=self._registered)
-        slot.callables[self._id] = callable_
-        return callable_
+class _MultiCallable(MultiCallableBase):
+    __slots__ = ()
 
     def _end_call(self, slot: Slot, started: float | None, call_ref: weakref.ref[Any]) -> None:
         call = call_ref()
         # A call collected unfinished was cancelled by grpc on the way out.
         code = call.code() if call is not None else grpc.StatusCode.CANCELLED
         self._pool.end(slot, started, None if code is _OK else code)
-
-    def __repr__(self) -> str:
-        return f"<poolkit {self._kind} {self._method}>"
 
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):

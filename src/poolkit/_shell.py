@@ -1,0 +1,121 @@
+"""What the sync and asyncio shells share: building the pool from a target, the grpc
+options of each slot's channel, and binding a method to a slot's channel once."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._config import PoolConfig
+from ._errors import ConfigError
+from ._pool import PoolState, Slot
+from ._target import Endpoint, parse_target
+
+ChannelOptions = Sequence[tuple[str, Any]]
+Serializer = Callable[[Any], bytes] | None
+Deserializer = Callable[[bytes], Any] | None
+
+
+def slot_options(endpoint: Endpoint, options: ChannelOptions) -> list[tuple[str, Any]]:
+    """The grpc options of one slot's channel: the caller's, plus what pooling needs."""
+    names = {name for name, _ in options}
+    extra: list[tuple[str, Any]] = [
+        # Without this, channels with equal targets and options share one connection
+        # through grpc's global subchannel pool, and N slots would be one.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    if "grpc.default_authority" not in names:
+        # The slot dials an IP literal; servers (and TLS) should still see the service name.
+        extra.append(("grpc.default_authority", endpoint.authority))
+    return [*options, *extra]
+
+
+def validated_options(options: ChannelOptions | None) -> list[tuple[str, Any]]:
+    if options is None:
+        return []
+    if isinstance(options, str | bytes) or not isinstance(options, Sequence):
+        raise ConfigError("options", options, "must be a sequence of (name, value) tuples")
+    for option in options:
+        if not (isinstance(option, tuple) and len(option) == 2 and isinstance(option[0], str)):
+            raise ConfigError("options", option, "each option must be a (name, value) tuple")
+    return list(options)
+
+
+class Pooled:
+    """The part of a poolkit channel that is neither sync nor async: its pool and methods."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        config: PoolConfig | None,
+        options: ChannelOptions | None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if config is None:
+            config = PoolConfig()
+        elif not isinstance(config, PoolConfig):
+            raise ConfigError("config", config, "must be a poolkit.PoolConfig")
+        self._grpc_options = validated_options(options)
+        endpoints = parse_target(target)
+        name = target if isinstance(target, str) else ",".join(target)
+        self._pool = PoolState(name, endpoints, config, clock=clock, rng=rng or random.Random())
+        self._method_ids: dict[tuple[Any, ...], int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def config(self) -> PoolConfig:
+        return self._pool.config
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot: endpoints, slots, their state, calls, errors, EWMA."""
+        return self._pool.describe()
+
+    def _method_id(self, key: tuple[Any, ...]) -> int:
+        with self._lock:
+            return self._method_ids.setdefault(key, len(self._method_ids))
+
+    def __repr__(self) -> str:
+        pool = self._pool
+        state = "closed" if pool.closed else pool.connectivity.name.lower()
+        kind = type(self).__module__.replace("._channel", "").replace("._aio", ".aio")
+        return f"<{kind}.Channel {pool.target!r} {state} endpoints={len(pool.routes)} in_flight={pool.in_flight}>"
+
+
+class MultiCallableBase:
+    """What every multicallable shares: the method, and each slot's own grpc multicallable."""
+
+    __slots__ = ("_clock", "_deserializer", "_id", "_kind", "_method", "_pool", "_registered", "_serializer")
+
+    def __init__(
+        self,
+        channel: Pooled,
+        kind: str,
+        method: str,
+        request_serializer: Serializer,
+        response_deserializer: Deserializer,
+        registered: bool | None,
+    ) -> None:
+        if not isinstance(method, str) or not method.startswith("/"):
+            raise ValueError(f"method={method!r}: must be a full method name like '/package.Service/Method'")
+        self._pool = channel._pool
+        self._clock = channel._pool.clock
+        self._kind = kind
+        self._method = method
+        self._serializer = request_serializer
+        self._deserializer = response_deserializer
+        self._registered = registered
+        self._id = channel._method_id((kind, method, request_serializer, response_deserializer, registered))
+
+    def _bind(self, slot: Slot) -> Any:
+        """This method on `slot`'s grpc channel, made on first use and kept."""
+        make = getattr(slot.channel, self._kind)
+        callable_ = make(self._method, self._serializer, self._deserializer, _registered_method=self._registered)
+        slot.callables[self._id] = callable_
+        return callable_
+
+    def __repr__(self) -> str:
+        return f"<poolkit {self._kind} {self._method}>"
