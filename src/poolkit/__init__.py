@@ -7,6 +7,7 @@
 `poolkit.aio` mirrors `grpc.aio`; `poolkit.testing` starts real servers for tests.
 """
 
+from . import aio
 from ._channel import Channel, insecure_channel, secure_channel
 from ._config import PoolConfig
 from ._errors import ConfigError, PoolClosedError, PoolkitError, PoolUnavailableError
@@ -20,6 +21,7 @@ __all__ = [
     "PoolUnavailableError",
     "PoolkitError",
     "__version__",
+    "aio",
     "insecure_channel",
     "secure_channel",
 ]

@@ -28,7 +28,9 @@ class PoolUnavailableError(PoolkitError, grpc.RpcError, grpc.Call):
     raises for an unreachable server, and its details say why.
     """
 
-    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+    # Defaults let grpc.aio.AioRpcError's __init__, which calls super().__init__() bare,
+    # share a subclass with this one (poolkit.aio's errors).
+    def __init__(self, details: str = "", code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         super().__init__(details)
         self._code = code
         self._details = details

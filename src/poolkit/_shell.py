@@ -47,6 +47,8 @@ def validated_options(options: ChannelOptions | None) -> list[tuple[str, Any]]:
 class Pooled:
     """The part of a poolkit channel that is neither sync nor async: its pool and methods."""
 
+    _public_name = "poolkit.Channel"
+
     def __init__(
         self,
         target: str | Sequence[str],
@@ -81,8 +83,7 @@ class Pooled:
     def __repr__(self) -> str:
         pool = self._pool
         state = "closed" if pool.closed else pool.connectivity.name.lower()
-        kind = type(self).__module__.replace("._channel", "").replace("._aio", ".aio")
-        return f"<{kind}.Channel {pool.target!r} {state} endpoints={len(pool.routes)} in_flight={pool.in_flight}>"
+        return f"<{self._public_name} {pool.target!r} {state} endpoints={len(pool.routes)} in_flight={pool.in_flight}>"
 
 
 class MultiCallableBase:

@@ -1,0 +1,333 @@
+"""The asyncio shell: `poolkit.aio.Channel`, a `grpc.aio.Channel` backed by a pool of
+grpc.aio channels, deciding through the same core as the sync shell.
+
+Per call: ask the core for a slot, start the call on that slot's own grpc.aio
+multicallable, and return grpc's call object untouched; a done-callback reports the
+outcome to the core, whichever way the call ends (awaited, cancelled, timed out, or a
+stream left unread). No lock is held across an await; nothing is built per call but the
+callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Self
+
+import grpc
+import grpc.aio
+
+from ._config import PoolConfig
+from ._errors import ConfigError, PoolClosedError, PoolUnavailableError
+from ._pool import Slot
+from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
+from ._target import Endpoint
+
+_OK = grpc.StatusCode.OK
+_UNKNOWN = grpc.StatusCode.UNKNOWN
+Interceptors = Sequence[grpc.aio.ClientInterceptor]
+
+if TYPE_CHECKING:  # grpc-stubs makes the multicallables generic; grpc itself does not
+    _UnaryUnaryBase = grpc.aio.UnaryUnaryMultiCallable[Any, Any]
+    _UnaryStreamBase = grpc.aio.UnaryStreamMultiCallable[Any, Any]
+    _StreamUnaryBase = grpc.aio.StreamUnaryMultiCallable[Any, Any]
+    _StreamStreamBase = grpc.aio.StreamStreamMultiCallable[Any, Any]
+else:
+    _UnaryUnaryBase = grpc.aio.UnaryUnaryMultiCallable
+    _UnaryStreamBase = grpc.aio.UnaryStreamMultiCallable
+    _StreamUnaryBase = grpc.aio.StreamUnaryMultiCallable
+    _StreamStreamBase = grpc.aio.StreamStreamMultiCallable
+
+
+class AioPoolUnavailableError(grpc.aio.AioRpcError, PoolUnavailableError):  # type: ignore[misc]
+    """`PoolUnavailableError` that is also a `grpc.aio.AioRpcError`, for asyncio handlers."""
+
+    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        grpc.aio.AioRpcError.__init__(self, code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+        PoolUnavailableError.__init__(self, details, code)
+
+
+class AioPoolClosedError(AioPoolUnavailableError, PoolClosedError):  # type: ignore[misc]
+    """A call was made on a poolkit.aio channel after `close()`."""
+
+
+def insecure_channel(
+    target: str | Sequence[str],
+    *,
+    config: PoolConfig | None = None,
+    options: ChannelOptions | None = None,
+    compression: grpc.Compression | None = None,
+    interceptors: Interceptors | None = None,
+) -> Channel:
+    """A pooled asyncio channel to every endpoint of `target`, without TLS."""
+    return Channel(target, None, config=config, options=options, compression=compression, interceptors=interceptors)
+
+
+def secure_channel(
+    target: str | Sequence[str],
+    credentials: grpc.ChannelCredentials,
+    *,
+    config: PoolConfig | None = None,
+    options: ChannelOptions | None = None,
+    compression: grpc.Compression | None = None,
+    interceptors: Interceptors | None = None,
+) -> Channel:
+    """A pooled asyncio channel to every endpoint of `target` over TLS."""
+    if not isinstance(credentials, grpc.ChannelCredentials):
+        raise ConfigError("credentials", credentials, "must be grpc.ChannelCredentials")
+    return Channel(
+        target, credentials, config=config, options=options, compression=compression, interceptors=interceptors
+    )
+
+
+class Channel(Pooled, grpc.aio.Channel):
+    """A drop-in `grpc.aio.Channel` that balances every call over a pool of connections."""
+
+    _public_name = "poolkit.aio.Channel"
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        credentials: grpc.ChannelCredentials | None,
+        *,
+        config: PoolConfig | None = None,
+        options: ChannelOptions | None = None,
+        compression: grpc.Compression | None = None,
+        interceptors: Interceptors | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(target, config, options, clock, rng)
+        self._credentials = credentials
+        self._compression = compression
+        self._interceptors = list(interceptors) if interceptors is not None else None
+        for slot in self._pool.slots:
+            slot.channel = self._open(slot.route.endpoint)
+            if self.config.connect_on_start:
+                slot.channel.get_state(try_to_connect=True)
+
+    def _open(self, endpoint: Endpoint) -> grpc.aio.Channel:
+        options = slot_options(endpoint, self._grpc_options)
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(endpoint.grpc_target, options, self._compression, self._interceptors)
+        return grpc.aio.secure_channel(
+            endpoint.grpc_target, self._credentials, options, self._compression, self._interceptors
+        )
+
+    # -- the grpc.aio.Channel contract -----------------------------------------------------
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
+        return _UnaryUnary(self, "unary_unary", method, request_serializer, response_deserializer, _registered_method)
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.aio.UnaryStreamMultiCallable[Any, Any]:
+        return _UnaryStream(self, "unary_stream", method, request_serializer, response_deserializer, _registered_method)
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.aio.StreamUnaryMultiCallable[Any, Any]:
+        return _StreamUnary(self, "stream_unary", method, request_serializer, response_deserializer, _registered_method)
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Serializer = None,
+        response_deserializer: Deserializer = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.aio.StreamStreamMultiCallable[Any, Any]:
+        return _StreamStream(
+            self, "stream_stream", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """The pool's connectivity: READY while any connection is ready, else CONNECTING,
+        IDLE, TRANSIENT_FAILURE; SHUTDOWN once closed."""
+        if self._pool.closed:
+            return grpc.ChannelConnectivity.SHUTDOWN
+        for slot in self._pool.slots:
+            self._pool.set_slot_state(slot, slot.channel.get_state(try_to_connect))
+        return self._pool.connectivity
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        while self.get_state() is last_observed_state and not self._pool.closed:
+            waits = [
+                asyncio.ensure_future(slot.channel.wait_for_state_change(slot.channel.get_state()))
+                for slot in self._pool.slots
+            ]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+
+    async def channel_ready(self) -> None:
+        """Wait until at least one connection of the pool is ready."""
+        while (state := self.get_state(try_to_connect=True)) is not grpc.ChannelConnectivity.READY:
+            if state is grpc.ChannelConnectivity.SHUTDOWN:
+                raise AioPoolClosedError(f"poolkit channel to {self._pool.target} is closed")
+            await self.wait_for_state_change(state)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop admitting calls, let those in flight finish for up to `grace` seconds, then
+        close every connection (cancelling what is still running). Idempotent."""
+        if self._pool.close():
+            await asyncio.gather(*(slot.channel.close(grace) for slot in self._pool.slots))
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot: endpoints, slots, their state, calls, errors, EWMA."""
+        self.get_state()
+        return super().describe()
+
+
+def _status_now(call: Any) -> grpc.StatusCode | None:
+    """The status of a finished grpc.aio call, read without suspending.
+
+    `call.code()` is a coroutine, but on a finished call it completes at its first step:
+    the status it waits for is already there. None if it would have to wait."""
+    coro = call.code()
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    return None
+
+
+class _MultiCallable(MultiCallableBase):
+    __slots__ = ()
+
+    def _start(self, request: Any, kwargs: dict[str, Any], sample_latency: bool) -> Any:
+        pool = self._pool
+        try:
+            slot = pool.begin()
+        except PoolClosedError as error:
+            raise AioPoolClosedError(error.details(), error.code()) from None
+        except PoolUnavailableError as error:
+            raise AioPoolUnavailableError(error.details(), error.code()) from None
+        bound = slot.callables.get(self._id) or self._bind(slot)
+        started = self._clock() if sample_latency else None
+        try:
+            call = bound(request, **kwargs)
+        except BaseException:
+            pool.end(slot, None, _UNKNOWN)
+            raise
+        call.add_done_callback(functools.partial(self._end_call, slot, started))
+        return call
+
+    def _end_call(self, slot: Slot, started: float | None, call: Any) -> None:
+        code = _status_now(call)
+        if code is None:  # not expected of a done call; count it failed rather than lose it
+            code = _UNKNOWN
+        self._pool.end(slot, started, None if code is _OK else code)
+
+
+class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        kwargs = {
+            "timeout": timeout,
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._start(request, kwargs, True)
+
+
+class _UnaryStream(_MultiCallable, _UnaryStreamBase):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        kwargs = {
+            "timeout": timeout,
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._start(request, kwargs, False)
+
+
+class _StreamUnary(_MultiCallable, _StreamUnaryBase):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request_iterator: Any = None,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        kwargs = {
+            "timeout": timeout,
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._start(request_iterator, kwargs, False)
+
+
+class _StreamStream(_MultiCallable, _StreamStreamBase):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request_iterator: Any = None,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        kwargs = {
+            "timeout": timeout,
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._start(request_iterator, kwargs, False)
