@@ -79,7 +79,9 @@ class Channel(Pooled, grpc.Channel):
         for slot in self._pool.slots:
             slot.channel = self._open(slot.route.endpoint, self._grpc_options)
         for slot in self._pool.slots:
-            watcher = functools.partial(self._on_slot_state, slot)
+            # Weakly: grpc's polling thread holds the watcher, and a strong reference would
+            # keep a dropped poolkit channel (and its connections) alive for ever.
+            watcher = functools.partial(_watch, weakref.ref(self), weakref.ref(slot))
             slot.channel.subscribe(watcher, try_to_connect=self.config.connect_on_start)
             self._watchers.append((slot.channel, watcher))
 
@@ -175,6 +177,12 @@ class Channel(Pooled, grpc.Channel):
             subscribers = list(self._subscribers)
         for callback in subscribers:
             callback(overall)
+
+
+def _watch(channel_ref: weakref.ref[Channel], slot_ref: weakref.ref[Slot], state: grpc.ChannelConnectivity) -> None:
+    channel, slot = channel_ref(), slot_ref()
+    if channel is not None and slot is not None:
+        channel._on_slot_state(slot, state)
 
 
 def _ignore(state: grpc.ChannelConnectivity) -> None:

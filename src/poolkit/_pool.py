@@ -33,7 +33,7 @@ _SLOW_FAILURES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED})
 class Slot:
     """One grpc channel of a route, and what it has carried."""
 
-    __slots__ = ("callables", "calls", "channel", "errors", "index", "pending", "route", "state")
+    __slots__ = ("__weakref__", "callables", "calls", "channel", "errors", "index", "pending", "route", "state")
 
     def __init__(self, route: Route, index: int) -> None:
         self.route = route
