@@ -2,10 +2,10 @@
 grpc.aio channels, deciding through the same core as the sync shell.
 
 Per call: ask the core for a slot, start the call on that slot's own grpc.aio
-multicallable, and return grpc's call object untouched; a done-callback reports the
-outcome to the core, whichever way the call ends (awaited, cancelled, timed out, or a
-stream left unread). No lock is held across an await; nothing is built per call but the
-callback.
+multicallable, and return grpc's call object (streams behind a thin proxy that
+cancels them when dropped); a done-callback reports the outcome to the core, whichever
+way the call ends (awaited, cancelled, timed out, or a stream left unread). No lock is
+held across an await; nothing is built per call but the callback.
 """
 
 from __future__ import annotations
@@ -35,11 +35,15 @@ if TYPE_CHECKING:  # grpc-stubs makes the multicallables generic; grpc itself do
     _UnaryStreamBase = grpc.aio.UnaryStreamMultiCallable[Any, Any]
     _StreamUnaryBase = grpc.aio.StreamUnaryMultiCallable[Any, Any]
     _StreamStreamBase = grpc.aio.StreamStreamMultiCallable[Any, Any]
+    _UnaryStreamCallBase = grpc.aio.UnaryStreamCall[Any, Any]
+    _StreamStreamCallBase = grpc.aio.StreamStreamCall[Any, Any]
 else:
     _UnaryUnaryBase = grpc.aio.UnaryUnaryMultiCallable
     _UnaryStreamBase = grpc.aio.UnaryStreamMultiCallable
     _StreamUnaryBase = grpc.aio.StreamUnaryMultiCallable
     _StreamStreamBase = grpc.aio.StreamStreamMultiCallable
+    _UnaryStreamCallBase = grpc.aio.UnaryStreamCall
+    _StreamStreamCallBase = grpc.aio.StreamStreamCall
 
 
 class AioPoolUnavailableError(grpc.aio.AioRpcError, PoolUnavailableError):  # type: ignore[misc]
@@ -213,6 +217,8 @@ def _status_now(call: Any) -> grpc.StatusCode | None:
         coro.send(None)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001 - an interceptor's own exception surfaces here
+        return _UNKNOWN
     coro.close()
     return None
 
@@ -220,7 +226,7 @@ def _status_now(call: Any) -> grpc.StatusCode | None:
 class _MultiCallable(MultiCallableBase):
     __slots__ = ()
 
-    def _start(self, request: Any, kwargs: dict[str, Any], sample_latency: bool) -> Any:
+    def _start(self, request: Any, kwargs: dict[str, Any], sample_latency: bool, streaming: bool = False) -> Any:
         pool = self._pool
         try:
             slot = pool.begin()
@@ -236,7 +242,7 @@ class _MultiCallable(MultiCallableBase):
             pool.end(slot, None, _UNKNOWN)
             raise
         call.add_done_callback(functools.partial(self._end_call, slot, started))
-        return call
+        return _Stream(call) if streaming else call
 
     def _end_call(self, slot: Slot, started: float | None, call: Any) -> None:
         code = _status_now(call)
@@ -286,7 +292,7 @@ class _UnaryStream(_MultiCallable, _UnaryStreamBase):
             "wait_for_ready": wait_for_ready,
             "compression": compression,
         }
-        return self._start(request, kwargs, False)
+        return self._start(request, kwargs, False, streaming=True)
 
 
 class _StreamUnary(_MultiCallable, _StreamUnaryBase):
@@ -330,4 +336,86 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
             "wait_for_ready": wait_for_ready,
             "compression": compression,
         }
-        return self._start(request_iterator, kwargs, False)
+        return self._start(request_iterator, kwargs, False, streaming=True)
+
+
+class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
+    """grpc.aio's streaming call, as the caller sees it, cancelled when the caller drops it.
+
+    grpc.aio's own tasks keep its call object alive, so a response stream left unread
+    would stay open, and its slot busy, until the server ended it. Callers hold this
+    proxy instead; when it is collected unfinished, the call is cancelled and its slot
+    released. Iteration goes through `_Messages`, which holds the proxy, so
+    `async for reply in stub.Stream(request)` keeps the call alive while it runs.
+    """
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __del__(self) -> None:
+        call = self._call
+        if not call.done():
+            call.cancel()
+
+    def __aiter__(self) -> _Messages:
+        return _Messages(self, self._call.__aiter__())
+
+    async def read(self) -> Any:
+        return await self._call.read()
+
+    async def write(self, request: Any) -> None:
+        await self._call.write(request)
+
+    async def done_writing(self) -> None:
+        await self._call.done_writing()
+
+    async def wait_for_connection(self) -> None:
+        await self._call.wait_for_connection()
+
+    async def initial_metadata(self) -> Any:
+        return await self._call.initial_metadata()
+
+    async def trailing_metadata(self) -> Any:
+        return await self._call.trailing_metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        return await self._call.code()  # type: ignore[no-any-return]
+
+    async def details(self) -> str:
+        return await self._call.details()  # type: ignore[no-any-return]
+
+    def cancelled(self) -> bool:
+        return self._call.cancelled()  # type: ignore[no-any-return]
+
+    def done(self) -> bool:
+        return self._call.done()  # type: ignore[no-any-return]
+
+    def time_remaining(self) -> float | None:
+        return self._call.time_remaining()  # type: ignore[no-any-return]
+
+    def cancel(self) -> bool:
+        return self._call.cancel()  # type: ignore[no-any-return]
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._call.add_done_callback(callback)
+
+    def __repr__(self) -> str:
+        return repr(self._call)
+
+
+class _Messages:
+    """The response iterator of a `_Stream`; holding the stream keeps the call open."""
+
+    __slots__ = ("_iterator", "_stream")
+
+    def __init__(self, stream: _Stream, iterator: Any) -> None:
+        self._stream = stream
+        self._iterator = iterator
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    def __anext__(self) -> Any:
+        return self._iterator.__anext__()

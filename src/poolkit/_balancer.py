@@ -28,7 +28,7 @@ N = TypeVar("N", bound=Node)
 
 class PowerOfTwoChoices(Generic[N]):
     """Of two distinct nodes drawn at random (in proportion to weight), the one whose
-    load per unit of weight is lower. Mitzenmacher's result: nearly the balance of
+    load is lower (in-flight calls counted per unit of weight). Mitzenmacher's result: nearly the balance of
     scanning every node for the cost of looking at two, and none of the herding that
     "always the least loaded" causes when many clients see the same numbers."""
 
@@ -58,11 +58,22 @@ class PowerOfTwoChoices(Generic[N]):
         b = nodes[self._weighted_index()]
         if a is b:  # one redraw, then accept: heavy nodes may legitimately meet themselves
             b = nodes[self._weighted_index()]
-        return a if a.metric.load(now) / a.weight <= b.metric.load(now) / b.weight else b
+        return a if _weighted_load(a, now) <= _weighted_load(b, now) else b
 
     def _weighted_index(self) -> int:
         assert self._cumulative is not None
         return bisect.bisect_right(self._cumulative, self._random() * self._cumulative[-1])
+
+
+def _weighted_load(node: Node, now: float) -> float:
+    """A node's load with its in-flight calls counted per unit of weight:
+    cost × (pending / weight + 1) instead of cost × (pending + 1). Under load, pending
+    then settles in proportion to weight, so a weight-3 node carries 3× the calls; at
+    equal loads the weighted draw decides. (Dividing the whole load by weight on top of
+    the weighted draw would apply weights twice: 3:1 became ~60:1.)"""
+    metric = node.metric
+    pending = metric.pending
+    return metric.load(now) * (pending / node.weight + 1.0) / (pending + 1.0)
 
 
 class RoundRobin(Generic[N]):

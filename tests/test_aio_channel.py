@@ -1,0 +1,339 @@
+"""What only a poolkit.aio channel does: balance thousands of concurrent calls over a pool,
+account for every call however it ends, keep one connection per slot, close cleanly, and
+describe itself."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from _aio_support import BIG_BACKLOG, aio_test, eventually, served, settled, until_served
+
+import poolkit
+import poolkit.aio
+from poolkit.testing import EchoRequest, EchoResponse, EchoServers, EchoStub, start_echo_servers
+
+BALANCERS = ["p2c_peak_ewma", "p2c_least_loaded", "round_robin"]
+NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+
+
+@pytest.fixture
+def fresh_servers() -> Iterator[EchoServers]:
+    """Four echo servers whose counts belong to this test alone."""
+    with start_echo_servers(4) as servers:
+        yield servers
+
+
+@pytest.fixture
+def busy_servers() -> Iterator[EchoServers]:
+    """Four echo servers with enough workers and backlog for thousands of calls in flight."""
+    with start_echo_servers(4, max_workers=64, options=BIG_BACKLOG) as servers:
+        yield servers
+
+
+def totals(channel: poolkit.aio.Channel) -> tuple[int, int]:
+    """(calls, errors) summed over every endpoint of the channel's snapshot."""
+    endpoints = channel.describe()["endpoints"]
+    return sum(e["calls"] for e in endpoints), sum(e["errors"] for e in endpoints)
+
+
+async def call_many(stub: EchoStub, total: int, concurrency: int) -> None:
+    """`total` unary calls, at most `concurrency` in flight at once."""
+    numbers = iter(range(total))
+
+    async def worker() -> None:
+        for number in numbers:
+            reply = await stub.Unary(EchoRequest(payload=b"%d" % number))
+            assert reply.payload == b"%d" % number
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+# -- many calls, however they end ------------------------------------------------------------
+
+
+@aio_test
+async def test_ten_thousand_concurrent_unary_calls(busy_servers: EchoServers) -> None:
+    async with poolkit.aio.insecure_channel(busy_servers.target) as channel:
+        stub = EchoStub(channel)
+        replies = await asyncio.gather(*(stub.Unary(EchoRequest(payload=b"x")) for _ in range(10_000)))
+        assert all(isinstance(r, EchoResponse) and r.payload == b"x" for r in replies)
+        await settled(channel)
+        assert totals(channel) == (10_000, 0)
+        assert served(busy_servers) == 10_000
+        assert all(e["calls"] > 0 for e in channel.describe()["endpoints"])
+        assert {r.server_id for r in replies} == {f"echo-{i}" for i in range(4)}
+
+
+@pytest.mark.parametrize("how", ["call.cancel", "task.cancel"])
+@aio_test
+async def test_cancelling_half_of_many_slow_calls_leaks_nothing(busy_servers: EchoServers, how: str) -> None:
+    total = 2_000
+    async with poolkit.aio.insecure_channel(busy_servers.target) as channel:
+        stub = EchoStub(channel)
+        calls: list[Any] = []
+
+        async def one() -> Any:
+            call = stub.Unary(EchoRequest(payload=b"x", delay_ms=200))
+            calls.append(call)
+            return await call
+
+        tasks = [asyncio.create_task(one()) for _ in range(total)]
+        await until_served(busy_servers, 100)  # calls are on the wire
+        if how == "call.cancel":
+            cancelled = sum(call.cancel() for call in calls[::2])
+        else:
+            cancelled = sum(task.cancel() for task in tasks[::2])
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+
+        kept, dropped = outcomes[1::2], outcomes[::2]
+        assert all(isinstance(r, EchoResponse) for r in kept)
+        assert sum(isinstance(r, asyncio.CancelledError) for r in dropped) == cancelled
+        assert all(isinstance(r, EchoResponse | asyncio.CancelledError) for r in dropped)
+        assert cancelled > 0
+        await settled(channel)
+        # A task cancelled just after its call finished leaves that call OK: poolkit counts
+        # as errors exactly the calls grpc cancelled.
+        grpc_cancelled = sum(call.cancelled() for call in calls)
+        assert totals(channel) == (total, grpc_cancelled)
+        if how == "call.cancel":
+            assert grpc_cancelled == cancelled
+        else:
+            assert 0 < grpc_cancelled <= cancelled
+
+
+@pytest.mark.parametrize("read_first", [False, True], ids=["unread", "partly_read"])
+@aio_test
+async def test_an_abandoned_server_stream_is_released(fresh_servers: EchoServers, read_first: bool) -> None:
+    async with poolkit.aio.insecure_channel(fresh_servers.target) as channel:
+        call = EchoStub(channel).ServerStream(EchoRequest(payload=b"x", repeat=3))
+        await until_served(fresh_servers, 1)
+        if read_first:
+            assert (await call.read()).index == 0
+        del call
+        gc.collect()
+        await settled(channel)
+
+
+@aio_test
+async def test_an_abandoned_server_stream_with_a_deadline_is_released(fresh_servers: EchoServers) -> None:
+    async with poolkit.aio.insecure_channel(fresh_servers.target) as channel:
+        call = EchoStub(channel).ServerStream(EchoRequest(payload=b"x", repeat=3), timeout=0.2)
+        del call
+        gc.collect()
+        await settled(channel)
+        assert totals(channel) == (1, 1)  # it ended DEADLINE_EXCEEDED
+
+
+@aio_test
+async def test_server_errors_are_counted_against_their_endpoint(fresh_servers: EchoServers) -> None:
+    async with poolkit.aio.insecure_channel(fresh_servers.target) as channel:
+        stub = EchoStub(channel)
+        for _ in range(5):
+            await stub.Unary(EchoRequest(payload=b"x"))
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Unary(EchoRequest(fail_code=NOT_FOUND))
+        await settled(channel)
+        assert totals(channel) == (8, 3)
+        for endpoint in channel.describe()["endpoints"]:
+            assert endpoint["calls"] == sum(s["calls"] for s in endpoint["slots"])
+            assert endpoint["errors"] == sum(s["errors"] for s in endpoint["slots"])
+
+
+# -- connections -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.parametrize("balancer", BALANCERS)
+@aio_test
+async def test_each_slot_is_one_connection(fresh_servers: EchoServers, balancer: str, slots: int) -> None:
+    config = poolkit.PoolConfig(balancer=balancer, connections_per_endpoint=slots)
+    async with poolkit.aio.insecure_channel(fresh_servers.target, config=config) as channel:
+        await call_many(EchoStub(channel), total=1_000, concurrency=64)
+        await settled(channel)
+        assert totals(channel) == (1_000, 0)
+        endpoints = {e["address"]: e for e in channel.describe()["endpoints"]}
+        for server in fresh_servers:
+            endpoint = endpoints[server.address]
+            used_slots = sum(s["calls"] > 0 for s in endpoint["slots"])
+            assert server.calls == endpoint["calls"] > 0, f"{server.address} served no share"
+            assert len(server.peers) == used_slots, f"{server.address}: peers {server.peers}, slots {endpoint}"
+        if slots == 1:
+            assert sum(len(server.peers) for server in fresh_servers) == 4
+
+
+@aio_test
+async def test_channel_ready_needs_only_one_endpoint() -> None:
+    with start_echo_servers(2) as servers:
+        servers[1].stop()
+        async with poolkit.aio.insecure_channel(servers.target) as channel:
+            await asyncio.wait_for(channel.channel_ready(), 5)
+            assert channel.get_state() is grpc.ChannelConnectivity.READY
+            assert channel.describe()["state"] == "ready"
+
+
+# -- closing ---------------------------------------------------------------------------------
+
+
+async def _unary(stub: EchoStub) -> None:
+    await stub.Unary(EchoRequest())
+
+
+async def _server_stream(stub: EchoStub) -> None:
+    async for _ in stub.ServerStream(EchoRequest()):
+        pass
+
+
+async def _client_stream(stub: EchoStub) -> None:
+    await stub.ClientStream(iter([EchoRequest()]))
+
+
+async def _bidi_stream(stub: EchoStub) -> None:
+    async for _ in stub.BidiStream(iter([EchoRequest()])):
+        pass
+
+
+@pytest.mark.parametrize(
+    "make_call", [_unary, _server_stream, _client_stream, _bidi_stream], ids=lambda f: f.__name__[1:]
+)
+@aio_test
+async def test_every_call_kind_after_close_raises_pool_closed(fresh_servers: EchoServers, make_call: Any) -> None:
+    channel = poolkit.aio.insecure_channel(fresh_servers.target)
+    stub = EchoStub(channel)
+    await _unary(stub)
+    await channel.close()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await make_call(stub)
+    error = raised.value
+    assert isinstance(error, poolkit.aio.AioPoolClosedError)
+    assert isinstance(error, grpc.RpcError)
+    assert isinstance(error, poolkit.PoolkitError)
+    assert isinstance(error, poolkit.PoolClosedError)
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert "closed" in error.details()
+    assert served(fresh_servers) == 1
+
+
+@aio_test
+async def test_a_closed_channel_says_so(fresh_servers: EchoServers) -> None:
+    channel = poolkit.aio.insecure_channel(fresh_servers.target)
+    await channel.close()
+    await channel.close()  # idempotent
+    assert channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+    assert channel.describe()["state"] == "closed"
+    assert "closed" in repr(channel)
+    with pytest.raises(poolkit.aio.AioPoolClosedError):
+        await channel.channel_ready()
+    # Waiting for a change from READY returns once the channel is closed (SHUTDOWN).
+    await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 5)
+
+
+@aio_test
+async def test_closing_wakes_a_task_waiting_for_a_state_change(fresh_servers: EchoServers) -> None:
+    channel = poolkit.aio.insecure_channel(fresh_servers.target)
+    await channel.channel_ready()
+    waiter = asyncio.create_task(channel.wait_for_state_change(grpc.ChannelConnectivity.READY))
+    await asyncio.sleep(0)  # one loop turn: the waiter runs up to its first await
+    assert not waiter.done()
+    await channel.close()
+    await asyncio.wait_for(waiter, 5)
+    assert channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+
+
+async def _slow_unary(stub: EchoStub) -> Any:
+    return (await stub.Unary(EchoRequest(payload=b"slow", delay_ms=300))).payload
+
+
+async def _slow_server_stream(stub: EchoStub) -> Any:
+    return [r.index async for r in stub.ServerStream(EchoRequest(repeat=3, delay_ms=100))]
+
+
+@pytest.mark.parametrize(
+    ("consume", "expected"),
+    [(_slow_unary, b"slow"), (_slow_server_stream, [0, 1, 2])],
+    ids=["unary", "server_stream"],
+)
+@aio_test
+async def test_close_with_grace_lets_an_in_flight_call_finish(
+    fresh_servers: EchoServers, consume: Any, expected: Any
+) -> None:
+    channel = poolkit.aio.insecure_channel(fresh_servers.target)
+    stub = EchoStub(channel)
+    task = asyncio.create_task(consume(stub))
+    await until_served(fresh_servers, 1)
+    closing = asyncio.create_task(channel.close(grace=10))
+    await eventually(lambda: channel.describe()["state"] == "closed", "the channel to stop admitting calls")
+    with pytest.raises(poolkit.aio.AioPoolClosedError):
+        await stub.Unary(EchoRequest())
+    assert await task == expected
+    await closing
+    await settled(channel)
+    assert totals(channel) == (1, 0)
+
+
+@aio_test
+async def test_close_without_grace_cancels_in_flight_calls(fresh_servers: EchoServers) -> None:
+    channel = poolkit.aio.insecure_channel(fresh_servers.target)
+    task = asyncio.create_task(_slow_unary(EchoStub(channel)))
+    await until_served(fresh_servers, 1)
+    await channel.close()
+    with pytest.raises((asyncio.CancelledError, grpc.aio.AioRpcError)):
+        await task
+    await settled(channel)
+    assert totals(channel) == (1, 1)
+
+
+# -- the channel as an object ----------------------------------------------------------------
+
+
+@aio_test
+async def test_describe_is_a_json_snapshot(fresh_servers: EchoServers) -> None:
+    config = poolkit.PoolConfig(balancer="round_robin", connections_per_endpoint=2)
+    async with poolkit.aio.insecure_channel(fresh_servers.target, config=config) as channel:
+        stub = EchoStub(channel)
+        await call_many(stub, total=20, concurrency=4)
+        await settled(channel)
+        slow = stub.Unary(EchoRequest(delay_ms=300))
+        await until_served(fresh_servers, 21)
+
+        snapshot = json.loads(json.dumps(channel.describe()))
+        assert snapshot["target"] == fresh_servers.target
+        assert snapshot["balancer"] == "round_robin"
+        assert snapshot["state"] == "ready"
+        assert snapshot["in_flight"] == 1
+        assert [e["address"] for e in snapshot["endpoints"]] == fresh_servers.addresses
+        for endpoint in snapshot["endpoints"]:
+            assert {"address", "calls", "errors", "in_flight", "ewma_ms", "slots"} <= endpoint.keys()
+            assert len(endpoint["slots"]) == 2
+            assert endpoint["ewma_ms"] >= 0
+        assert sum(e["in_flight"] for e in snapshot["endpoints"]) == 1
+        assert sum(s["in_flight"] for e in snapshot["endpoints"] for s in e["slots"]) == 1
+        assert sum(e["calls"] for e in snapshot["endpoints"]) == 20
+
+        await slow
+        await settled(channel)
+        assert totals(channel) == (21, 0)
+    assert json.loads(json.dumps(channel.describe()))["state"] == "closed"
+
+
+@aio_test
+async def test_a_poolkit_channel_is_a_grpc_aio_channel(fresh_servers: EchoServers) -> None:
+    async with poolkit.aio.insecure_channel(fresh_servers.addresses) as channel:
+        assert isinstance(channel, grpc.aio.Channel)
+        assert "poolkit.aio.Channel" in repr(channel)
+        assert "in_flight=0" in repr(channel)
+        assert (await EchoStub(channel).Unary(EchoRequest(payload=b"x"))).payload == b"x"
+
+
+def test_secure_channel_wants_grpc_credentials() -> None:
+    with pytest.raises(poolkit.ConfigError) as raised:
+        poolkit.aio.secure_channel("ipv4:127.0.0.1:1", "not credentials")
+    assert isinstance(raised.value, ValueError)
+    assert "credentials" in str(raised.value)
