@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
 import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import pytest
 
-from poolkit import _demo
+from poolkit import PoolUnavailableError, _demo
 from poolkit.__main__ import main
 from poolkit.testing import StatsResponse
 
@@ -32,10 +36,21 @@ def _number(pattern: str, text: str) -> int:
 
 
 @pytest.mark.slow
-def test_demo_spreads_calls_over_four_connections_and_contrasts_fresh_channels() -> None:
-    finished = _run_demo("--duration", "2", "--concurrency", "4")
+@pytest.mark.parametrize(
+    ("flags", "header"),
+    [
+        (("--concurrency", "4"), "pooled: 4 threads share one poolkit channel for 2 s"),
+        (("--aio", "--concurrency", "8"), "pooled (asyncio): 8 tasks share one poolkit.aio channel for 2 s"),
+    ],
+    ids=["threads", "asyncio"],
+)
+def test_demo_spreads_calls_over_four_connections_and_contrasts_fresh_channels(
+    flags: tuple[str, ...], header: str
+) -> None:
+    finished = _run_demo("--duration", "2", *flags)
     out = finished.stdout
     assert finished.returncode == 0, f"exit {finished.returncode}\n{out}\n{finished.stderr}"
+    assert re.search(f"^{re.escape(header)}$", out, re.MULTILINE), out
 
     # Progress went out as plain lines, since stdout is a pipe.
     assert re.search(r"^\s+\d+\.\d s\s+[\d,]+ calls\s+[\d,]+/s\s+\d+ errors  share( +\d+%){4}$", out, re.MULTILINE), out
@@ -78,35 +93,131 @@ def test_bad_flags_are_refused() -> None:
     assert exit_info.value.code == 2
 
 
-def test_load_stops_at_its_call_count() -> None:
-    made = [0] * 3
+# -- the load generator, threads and asyncio tasks alike ---------------------------------
 
-    def counting_call(worker: int) -> _demo.Call:
+CallBody = Callable[[int], None]
+"""What one call does, given its worker's index: return to succeed, raise to fail."""
+
+
+class StartLoad(Protocol):
+    def __call__(
+        self, body: CallBody, *, pause: float = 0.0, concurrency: int, duration: float, max_calls: int
+    ) -> _demo.BaseLoad:
+        """A running load whose every call runs `body`, then takes `pause` seconds more."""
+
+
+def _start_thread_load(
+    body: CallBody, *, pause: float = 0.0, concurrency: int, duration: float, max_calls: int
+) -> _demo.BaseLoad:
+    never = threading.Event()
+
+    def make_call(worker: int) -> _demo.Call:
         def call() -> None:
-            made[worker] += 1
+            body(worker)
+            if pause:
+                never.wait(pause)
 
         return call
 
-    load = _demo.Load(counting_call, concurrency=3, duration=60, max_calls=1000)
+    return _demo.Load(make_call, concurrency=concurrency, duration=duration, max_calls=max_calls)
+
+
+def _start_async_load(
+    loop: _demo.EventLoopThread,
+    body: CallBody,
+    *,
+    pause: float = 0.0,
+    concurrency: int,
+    duration: float,
+    max_calls: int,
+) -> _demo.BaseLoad:
+    def make_call(worker: int) -> _demo.AsyncCall:
+        async def call() -> None:
+            body(worker)
+            await asyncio.sleep(pause)
+
+        return call
+
+    return _demo.AsyncLoad(make_call, loop=loop.loop, concurrency=concurrency, duration=duration, max_calls=max_calls)
+
+
+@pytest.fixture(params=["threads", "asyncio"])
+def start_load(request: pytest.FixtureRequest) -> Iterator[StartLoad]:
+    if request.param == "threads":
+        yield _start_thread_load
+        return
+    with _demo.EventLoopThread() as loop:
+        yield functools.partial(_start_async_load, loop)
+
+
+def test_load_stops_at_its_call_count(start_load: StartLoad) -> None:
+    made = [0] * 3
+
+    def count(worker: int) -> None:
+        made[worker] += 1
+
+    load = start_load(count, concurrency=3, duration=60, max_calls=1000)
     assert load.wait(30)
     result = load.result()
     assert result.calls == 1000 == sum(made)
+    assert made == [334, 333, 333]
     assert result.errors == 0
     assert len(result.latencies) == 1000
     assert list(result.latencies) == sorted(result.latencies)
 
 
-def test_load_stops_at_its_duration() -> None:
-    release = threading.Event()
-
-    def slow_call(_worker: int) -> _demo.Call:
-        return lambda: release.wait(0.01)
-
-    load = _demo.Load(slow_call, concurrency=2, duration=0.2, max_calls=1_000_000)
+def test_load_stops_at_its_duration(start_load: StartLoad) -> None:
+    load = start_load(lambda _worker: None, pause=0.01, concurrency=2, duration=0.2, max_calls=1_000_000)
     assert load.wait(10)
     result = load.result()
     assert 0 < result.calls < 1_000_000
     assert result.elapsed < 5
+
+
+def test_load_counts_failed_calls_and_keeps_the_first_error(start_load: StartLoad) -> None:
+    def fail_on_worker_0(worker: int) -> None:
+        if worker == 0:
+            raise PoolUnavailableError("no endpoint is ready")
+
+    load = start_load(fail_on_worker_0, concurrency=2, duration=60, max_calls=100)
+    assert load.wait(30)
+    result = load.result()
+    assert (result.calls, result.errors, len(result.latencies)) == (100, 50, 50)
+    assert result.first_error == "UNAVAILABLE: no endpoint is ready"
+
+
+def test_a_crashing_call_stops_the_load_and_surfaces_from_result(start_load: StartLoad) -> None:
+    def crash_on_worker_0(worker: int) -> None:
+        if worker == 0:
+            raise ValueError("not a grpc error")
+
+    load = start_load(crash_on_worker_0, pause=0.01, concurrency=2, duration=60, max_calls=1_000_000)
+    assert load.wait(10)
+    with pytest.raises(ValueError, match="not a grpc error"):
+        load.result()
+
+
+def test_async_load_runs_its_tasks_together_on_one_loop_thread() -> None:
+    in_flight = peak = 0
+    threads: set[str] = set()
+
+    def make_call(_worker: int) -> _demo.AsyncCall:
+        async def call() -> None:
+            nonlocal in_flight, peak
+            threads.add(threading.current_thread().name)
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.01)
+            in_flight -= 1
+
+        return call
+
+    with _demo.EventLoopThread() as loop:
+        load = _demo.AsyncLoad(make_call, loop=loop.loop, concurrency=4, duration=60, max_calls=40)
+        assert load.wait(10)
+    assert load.result().calls == 40
+    assert peak == 4
+    assert threads == {"poolkit-demo-loop"}
 
 
 def test_percentiles_are_nearest_rank() -> None:

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="load local echo servers through one poolkit channel, then contrast a channel per request",
         description=(
             "Start local echo servers on loopback, send calls to them through one poolkit channel from "
-            "several threads with live progress, and summarise where the calls went. Then make a few "
+            "several threads (or, with --aio, one poolkit.aio channel from asyncio tasks) with live progress, "
+            "and summarise where the calls went. Then make a few "
             "hundred calls the naive way, a fresh grpc channel per request, and compare the two. "
             "Exits 1 if any pooled call failed."
         ),

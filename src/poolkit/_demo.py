@@ -1,15 +1,18 @@
 """`poolkit demo`: one poolkit channel against local echo servers, then the same calls
 made the naive way, a fresh grpc channel per request, for contrast.
 
-The pieces are kept apart so a run can be recombined: `Load` drives calls from threads
-and counts them, `ProgressDisplay` shows a running load, the `*_summary` functions turn
-finished runs into tables, and `run_demo` strings them together. Everything talks to
-loopback servers this process starts and stops itself.
+The pieces are kept apart so a run can be recombined: `Load` (threads, sync calls) and
+`AsyncLoad` (asyncio tasks, on an `EventLoopThread`) drive calls and count them the same
+way, `ProgressDisplay` shows a running load, the `*_summary` functions turn finished runs
+into tables, and `run_demo` strings them together. Everything talks to loopback servers
+this process starts and stops itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import itertools
 import math
 import shutil
@@ -17,13 +20,16 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Self, TextIO, TypeVar
 
 import grpc
 
+from ._aio_channel import Channel as AioChannel
+from ._aio_channel import insecure_channel as aio_insecure_channel
 from ._channel import insecure_channel
+from ._shell import Pooled
 from .testing import EchoRequest, EchoStub, SpawnedEchoServers, StatsResponse, spawn_echo_servers
 
 Call = Callable[[], object]
@@ -31,6 +37,14 @@ Call = Callable[[], object]
 
 CallFactory = Callable[[int], Call]
 """Given a worker's index, the call that worker makes over and over."""
+
+AsyncCall = Callable[[], Awaitable[object]]
+"""One request, made on an event loop; awaiting it raises `grpc.RpcError` when the call fails."""
+
+AsyncCallFactory = Callable[[int], AsyncCall]
+"""Given a task's index, the call that task makes over and over."""
+
+T = TypeVar("T")
 
 MAX_CALLS = 1_000_000
 """Upper bound on the pooled run whatever the duration: a Python client manages a few
@@ -52,6 +66,10 @@ TICK = 0.25
 PLAIN_INTERVAL = 1.0
 """How often a progress line is printed when output is not a terminal (a log, a pipe)."""
 
+LOOP_TIMEOUT = 5.0
+"""How long the main thread waits for the asyncio run's event loop to start, to open or
+close the channel, or to stop: each takes milliseconds, so a loop still busy is stuck."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DemoOptions:
@@ -62,6 +80,7 @@ class DemoOptions:
     endpoints: int = 4
     payload: int = 64
     max_calls: int = MAX_CALLS
+    aio: bool = False  # the pooled run on poolkit.aio, from asyncio tasks instead of threads
 
 
 # -- command line -------------------------------------------------------------------------
@@ -82,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_number_in(int, 1, 256),
         default=defaults.concurrency,
         metavar="N",
-        help=f"client threads making calls (default {defaults.concurrency})",
+        help=f"client threads (asyncio tasks with --aio) making calls (default {defaults.concurrency})",
     )
     parser.add_argument(
         "--endpoints",
@@ -104,6 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_calls,
         metavar="N",
         help=f"stop the pooled run after this many calls even if time is left (default {defaults.max_calls:,})",
+    )
+    parser.add_argument(
+        "--aio",
+        action="store_true",
+        help="make the pooled run's calls through poolkit.aio, from asyncio tasks on one event loop",
     )
 
 
@@ -129,6 +153,7 @@ def command(args: argparse.Namespace) -> int:
         endpoints=args.endpoints,
         payload=args.payload,
         max_calls=args.max_calls,
+        aio=args.aio,
     )
     try:
         return run_demo(options, sys.stdout)
@@ -155,7 +180,7 @@ def run_demo(options: DemoOptions, out: TextIO) -> int:
         for address in servers.addresses:
             say(f"  {address}")
         servers.stats(reset=True)
-        pooled = run_pooled(servers, options, out)
+        pooled = (run_pooled_aio if options.aio else run_pooled)(servers, options, out)
         fresh = run_fresh(servers, options, out)
     finally:
         servers.stop()
@@ -183,7 +208,6 @@ class PhaseResult:
 
 def run_pooled(servers: SpawnedEchoServers, options: DemoOptions, out: TextIO) -> PhaseResult:
     """The main act: every thread calls through one poolkit channel."""
-    say = _printer(out)
     request = EchoRequest(payload=b"x" * options.payload)
     with insecure_channel(servers.target) as channel:
         unary = EchoStub(channel).Unary
@@ -191,17 +215,73 @@ def run_pooled(servers: SpawnedEchoServers, options: DemoOptions, out: TextIO) -
         def pooled_call(_worker: int) -> Call:
             return lambda: unary(request, timeout=CALL_TIMEOUT)
 
-        config = channel.config
-        connections = _plural(config.connections_per_endpoint, "connection")
-        say("")
-        say(f"pooled: {options.concurrency} threads share one poolkit channel for {options.duration:g} s")
-        say(f"  {config.balancer} balancer, {connections} per endpoint, {options.payload}-byte payloads")
-        load = Load(
-            pooled_call, concurrency=options.concurrency, duration=options.duration, max_calls=options.max_calls
-        )
-        watch(load, ProgressDisplay.for_stream(out), lambda: endpoint_shares(channel.describe()))
-        result = load.result()
-        described = channel.describe()
+        def start() -> BaseLoad:
+            return Load(
+                pooled_call, concurrency=options.concurrency, duration=options.duration, max_calls=options.max_calls
+            )
+
+        title = f"pooled: {options.concurrency} threads share one poolkit channel"
+        result, described = _drive_pooled(channel, title, start, options, out)
+    return _pooled_phase(servers, result, described, out)
+
+
+def run_pooled_aio(servers: SpawnedEchoServers, options: DemoOptions, out: TextIO) -> PhaseResult:
+    """The main act on asyncio: tasks on one event loop call through one poolkit.aio channel.
+    The channel belongs to that loop, so it is opened and closed there. The display reads
+    it from this thread: `describe()` takes the pool's lock and asks grpc for each
+    connection's state, and neither needs the loop."""
+    request = EchoRequest(payload=b"x" * options.payload)
+    with EventLoopThread() as loop:
+        channel = loop.run(_open_aio_channel(servers.target))
+        try:
+            unary = EchoStub(channel).Unary
+
+            def pooled_call(_worker: int) -> AsyncCall:
+                return lambda: unary(request, timeout=CALL_TIMEOUT)
+
+            def start() -> BaseLoad:
+                return AsyncLoad(
+                    pooled_call,
+                    loop=loop.loop,
+                    concurrency=options.concurrency,
+                    duration=options.duration,
+                    max_calls=options.max_calls,
+                )
+
+            title = f"pooled (asyncio): {options.concurrency} tasks share one poolkit.aio channel"
+            result, described = _drive_pooled(channel, title, start, options, out)
+        finally:
+            loop.run(channel.close())
+    return _pooled_phase(servers, result, described, out)
+
+
+async def _open_aio_channel(target: str) -> AioChannel:
+    """A poolkit.aio channel, made on the loop that will run its calls (a coroutine so that
+    it runs there)."""
+    return aio_insecure_channel(target)
+
+
+def _drive_pooled(
+    channel: Pooled, title: str, start: Callable[[], BaseLoad], options: DemoOptions, out: TextIO
+) -> tuple[LoadResult, dict[str, Any]]:
+    """Announce the pooled run, start it and show its progress until it ends: its figures,
+    and the channel's account of where the calls went."""
+    say = _printer(out)
+    config = channel.config
+    connections = _plural(config.connections_per_endpoint, "connection")
+    say("")
+    say(f"{title} for {options.duration:g} s")
+    say(f"  {config.balancer} balancer, {connections} per endpoint, {options.payload}-byte payloads")
+    load = start()
+    watch(load, ProgressDisplay.for_stream(out), lambda: endpoint_shares(channel.describe()))
+    return load.result(), channel.describe()
+
+
+def _pooled_phase(
+    servers: SpawnedEchoServers, result: LoadResult, described: dict[str, Any], out: TextIO
+) -> PhaseResult:
+    """The finished pooled run, with what the servers saw of it, summarised on `out`."""
+    say = _printer(out)
     phase = PhaseResult(result, servers.stats(reset=True))
     say("")
     for line in pooled_summary(phase, described, servers.addresses):
@@ -250,15 +330,28 @@ def _printer(out: TextIO) -> Callable[[str], None]:
 
 
 class _Tally:
-    """One worker's counts. Only its worker writes them; readers see a recent value."""
+    """One worker's share of the calls and its counts. Only its worker writes the counts;
+    readers see a recent value."""
 
-    __slots__ = ("calls", "errors", "first_error", "latencies")
+    __slots__ = ("calls", "errors", "first_error", "latencies", "quota")
 
-    def __init__(self) -> None:
+    def __init__(self, quota: int) -> None:
+        self.quota = quota  # calls this worker may make at most
         self.calls = 0
         self.errors = 0
         self.first_error: str | None = None
         self.latencies = array("d")  # seconds, successful calls only
+
+    def record(self, started: float, error: grpc.RpcError | None) -> None:
+        """Count a call that began at `started` (`time.monotonic`) and has just ended: its
+        latency if it succeeded, else its error."""
+        if error is None:
+            self.latencies.append(time.monotonic() - started)
+        else:
+            self.errors += 1
+            if self.first_error is None:
+                self.first_error = _describe_error(error)
+        self.calls += 1
 
 
 @dataclass(frozen=True)
@@ -288,75 +381,64 @@ class LoadResult:
         return self.latencies[rank - 1]
 
 
-class Load:
-    """`concurrency` threads, each making its call back to back until `duration` seconds
-    have passed or `max_calls` calls (over all threads) have been made, whichever is first.
+class BaseLoad:
+    """`concurrency` workers, each making its call back to back until `duration` seconds
+    have passed or `max_calls` calls (over all workers) have been made, whichever is first.
 
-    Each thread owns its counters, so the call path takes no lock; the calls are split
-    evenly between threads up front for the same reason.
+    `Load` runs the workers as threads and `AsyncLoad` as asyncio tasks; what they share
+    is here: when each call may start, counting it, and waiting, stopping and reporting.
+    Each worker owns its counters, so the call path takes no lock; the calls are split
+    evenly between workers up front for the same reason.
     """
 
-    def __init__(self, make_call: CallFactory, *, concurrency: int, duration: float, max_calls: int) -> None:
+    def __init__(self, *, concurrency: int, duration: float, max_calls: int) -> None:
         self.duration = duration
         self._stop = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._running = concurrency
         self._crash: BaseException | None = None
-        self._tallies = [_Tally() for _ in range(concurrency)]
-        quotas = [max_calls // concurrency + (1 if i < max_calls % concurrency else 0) for i in range(concurrency)]
+        self._tallies = [
+            _Tally(max_calls // concurrency + (1 if i < max_calls % concurrency else 0)) for i in range(concurrency)
+        ]
         self._started = time.monotonic()
         self._ended: float | None = None
-        deadline = self._started + duration
-        self._threads = [
-            threading.Thread(
-                target=self._work,
-                args=(make_call(i), tally, quota, deadline),
-                name=f"poolkit-demo-{i}",
-                daemon=True,  # a call stuck past its deadline must not keep the process alive
-            )
-            for i, (tally, quota) in enumerate(zip(self._tallies, quotas, strict=True))
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._deadline = self._started + duration
 
-    def _work(self, call: Call, tally: _Tally, quota: int, deadline: float) -> None:
+    def _turns(self, tally: _Tally) -> Iterator[float]:
+        """When each of a worker's calls starts, while it has quota left, the deadline has
+        not passed and nobody asked the load to stop."""
         clock = time.monotonic
+        deadline = self._deadline
         stop = self._stop
-        latencies = tally.latencies
+        for _ in range(tally.quota):
+            started = clock()
+            if started >= deadline or stop.is_set():
+                return
+            yield started
+
+    @contextlib.contextmanager
+    def _worker(self) -> Iterator[None]:
+        """Around one worker's whole run: a crash stops the others and is kept for
+        `result()`; the last worker to end marks the load over."""
         try:
-            for _ in range(quota):
-                started = clock()
-                if started >= deadline or stop.is_set():
-                    break
-                try:
-                    call()
-                except grpc.RpcError as error:
-                    tally.errors += 1
-                    if tally.first_error is None:
-                        tally.first_error = _describe_error(error)
-                else:
-                    latencies.append(clock() - started)
-                tally.calls += 1
+            yield
         except BaseException as error:  # noqa: BLE001 - handed to the main thread by result()
             self._crash = error
-            stop.set()
+            self._stop.set()
         finally:
-            self._worker_done()
-
-    def _worker_done(self) -> None:
-        with self._lock:
-            self._running -= 1
-            if self._running == 0:
-                self._ended = time.monotonic()
-                self._done.set()
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    self._ended = time.monotonic()
+                    self._done.set()
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for every thread to finish; True if they have."""
+        """Wait up to `timeout` seconds for every worker to finish; True if they have."""
         return self._done.wait(timeout)
 
     def stop(self, timeout: float = CALL_TIMEOUT + 1) -> None:
-        """Ask the threads to stop after their current call and wait up to `timeout`."""
+        """Ask the workers to stop after their current call and wait up to `timeout`."""
         self._stop.set()
         self._done.wait(timeout)
 
@@ -377,6 +459,116 @@ class Load:
         first_error = next((t.first_error for t in tallies if t.first_error), None)
         snapshot = self.snapshot()
         return LoadResult(snapshot.calls, snapshot.errors, snapshot.elapsed, latencies, first_error)
+
+
+class Load(BaseLoad):
+    """The workers are threads making sync calls."""
+
+    def __init__(self, make_call: CallFactory, *, concurrency: int, duration: float, max_calls: int) -> None:
+        super().__init__(concurrency=concurrency, duration=duration, max_calls=max_calls)
+        self._threads = [
+            threading.Thread(
+                target=self._work,
+                args=(make_call(i), tally),
+                name=f"poolkit-demo-{i}",
+                daemon=True,  # a call stuck past its deadline must not keep the process alive
+            )
+            for i, tally in enumerate(self._tallies)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self, call: Call, tally: _Tally) -> None:
+        with self._worker():
+            for started in self._turns(tally):
+                try:
+                    call()
+                except grpc.RpcError as error:
+                    tally.record(started, error)
+                else:
+                    tally.record(started, None)
+
+
+class AsyncLoad(BaseLoad):
+    """The workers are asyncio tasks on `loop`, an event loop running in another thread
+    (an `EventLoopThread`), awaiting calls made on that loop."""
+
+    def __init__(
+        self,
+        make_call: AsyncCallFactory,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        concurrency: int,
+        duration: float,
+        max_calls: int,
+    ) -> None:
+        super().__init__(concurrency=concurrency, duration=duration, max_calls=max_calls)
+        calls = [make_call(i) for i in range(concurrency)]
+        # Kept: through it the tasks stay referenced, which the loop alone does not ensure.
+        self._tasks = asyncio.run_coroutine_threadsafe(self._work_all(calls), loop)
+
+    async def _work_all(self, calls: list[AsyncCall]) -> None:
+        await asyncio.gather(*(self._work(call, tally) for call, tally in zip(calls, self._tallies, strict=True)))
+
+    async def _work(self, call: AsyncCall, tally: _Tally) -> None:
+        with self._worker():
+            for started in self._turns(tally):
+                try:
+                    await call()
+                except grpc.RpcError as error:
+                    tally.record(started, error)
+                else:
+                    tally.record(started, None)
+
+
+class EventLoopThread:
+    """An asyncio event loop running in a thread of its own, for sync code to hand
+    coroutines to. On `close()` (or leaving the `with` block) the loop stops, whatever
+    still runs on it is cancelled, and the thread is joined."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def __init__(self) -> None:
+        ready = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._serve,
+            args=(ready,),
+            name="poolkit-demo-loop",
+            daemon=True,  # a loop stuck in a call must not keep the process alive
+        )
+        self._thread.start()
+        if not ready.wait(LOOP_TIMEOUT):
+            raise RuntimeError("the demo's event loop did not start")
+
+    def _serve(self, ready: threading.Event) -> None:
+        # asyncio.Runner tears the loop down as asyncio.run does: cancels what is left,
+        # closes async generators and the default executor, then the loop.
+        with asyncio.Runner() as runner:
+            self.loop = runner.get_loop()
+            ready.set()
+            self.loop.run_forever()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the loop; its result, waited for up to `LOOP_TIMEOUT` seconds."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(LOOP_TIMEOUT)
+        finally:
+            future.cancel()  # nothing to do if it finished; stops it if it overran
+
+    def close(self) -> None:
+        """Stop the loop and wait up to `LOOP_TIMEOUT` for its thread to end. Idempotent."""
+        if not self._stopping:
+            self._stopping = True
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(LOOP_TIMEOUT)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _describe_error(error: grpc.RpcError) -> str:
@@ -425,7 +617,7 @@ class ProgressDisplay:
             print(line, file=self._out, flush=True)
 
 
-def watch(load: Load, display: ProgressDisplay, shares: Callable[[], list[float]] | None) -> None:
+def watch(load: BaseLoad, display: ProgressDisplay, shares: Callable[[], list[float]] | None) -> None:
     """Refresh `display` until `load` is over (or overdue by more than a call's deadline)."""
     limit = load.duration + CALL_TIMEOUT + 5
     try:

@@ -301,6 +301,7 @@ class SpawnedEchoServers:
             os.kill(self.pid, signal.SIGCONT)
             self.process.kill()
         self.process.wait(timeout=10)
+        self._close_pipe()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -311,6 +312,11 @@ class SpawnedEchoServers:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
     def __enter__(self) -> Self:
         return self
