@@ -598,7 +598,13 @@ MALFORMED_TARGETS = {
     "dns without path": "dns://localhost:1",
     "dns empty": "dns:///",
     "no host": ":50051",
+    "address list without a scheme": "127.0.0.1:1,127.0.0.1:2",
 }
+
+
+def test_address_list_without_a_scheme_says_what_to_write() -> None:
+    with pytest.raises(ConfigError, match="ipv4:a:p,b:p"):
+        parse_target("127.0.0.1:1,127.0.0.1:2")
 
 
 @pytest.mark.parametrize("target", MALFORMED_TARGETS.values(), ids=MALFORMED_TARGETS.keys())

@@ -11,6 +11,7 @@ import math
 # Keeps in-flight calls meaningful once an idle route's estimate has decayed to nothing
 # (Linkerd adds the same floor, 1 ns, in its own unit).
 _COST_FLOOR = 1e-6
+_exp = math.exp
 
 
 class PeakEwma:
@@ -38,14 +39,17 @@ class PeakEwma:
             # Unknown route: free while idle, so it is tried at once, but each call in
             # flight costs the prior, so calls do not pile onto a route that may be dead.
             return self._cost * self.pending
-        return (self.estimate(now) + _COST_FLOOR) * (self.pending + 1)
+        # estimate(now), inline: this runs twice for every call.
+        elapsed = now - self._stamp
+        cost = self._cost * _exp(-elapsed / self._decay) if elapsed > 0 else self._cost
+        return (cost + _COST_FLOOR) * (self.pending + 1)
 
     def estimate(self, now: float) -> float:
         """The latency estimate in seconds, decayed to `now`."""
         elapsed = now - self._stamp
         if elapsed <= 0:
             return self._cost
-        return self._cost * math.exp(-elapsed / self._decay)
+        return self._cost * _exp(-elapsed / self._decay)
 
     def observe(self, rtt: float, now: float) -> None:
         if not self._sampled:
@@ -56,12 +60,10 @@ class PeakEwma:
             self._stamp = now
             return
         elapsed = now - self._stamp
-        weight = math.exp(-elapsed / self._decay) if elapsed > 0 else 1.0
-        if rtt > self._cost * weight:
-            self._cost = rtt
-        else:
-            # Decay towards the sample rather than towards zero, the same weight once.
-            self._cost = self._cost * weight + rtt * (1.0 - weight)
+        weight = _exp(-elapsed / self._decay) if elapsed > 0 else 1.0
+        cost = self._cost * weight
+        # A peak replaces the estimate; a lower sample pulls the decayed estimate towards it.
+        self._cost = rtt if rtt > cost else cost + rtt * (1.0 - weight)
         self._stamp = now
 
 

@@ -52,21 +52,21 @@ class Slot:
 class Route:
     """An endpoint as the balancer sees it: a load metric, a weight and its slots."""
 
-    __slots__ = ("calls", "endpoint", "errors", "metric", "slots", "weight")
+    __slots__ = ("endpoint", "metric", "slots", "weight")
 
     def __init__(self, endpoint: Endpoint, metric: LoadMetric, weight: float, slot_count: int) -> None:
         self.endpoint = endpoint
         self.metric = metric
         self.weight = weight
         self.slots = [Slot(self, i) for i in range(slot_count)]
-        self.calls = 0
-        self.errors = 0
 
-    def least_pending_slot(self) -> Slot:
-        slots = self.slots
-        if len(slots) == 1:
-            return slots[0]
-        return min(slots, key=_slot_pending)
+    @property
+    def calls(self) -> int:
+        return sum(slot.calls for slot in self.slots)
+
+    @property
+    def errors(self) -> int:
+        return sum(slot.errors for slot in self.slots)
 
     def __repr__(self) -> str:
         return f"<Route {self.endpoint.address} pending={self.metric.pending} calls={self.calls}>"
@@ -106,7 +106,6 @@ class PoolState:
         self._picker.update(self.routes)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self.in_flight = 0
         self.closed = False
         self.connectivity = _Connectivity.IDLE
 
@@ -122,31 +121,34 @@ class PoolState:
             if not self.routes:
                 raise PoolUnavailableError(f"poolkit channel to {self.target} has no endpoint")
             route = self._picker.pick(self.clock())
-            slot = route.least_pending_slot()
+            slots = route.slots
+            slot = slots[0] if len(slots) == 1 else min(slots, key=_slot_pending)
             slot.pending += 1
             route.metric.pending += 1
-            self.in_flight += 1
         return slot
 
     def end(self, slot: Slot, started: float | None, code: grpc.StatusCode | None = None) -> None:
         """A call on `slot` finished with `code` (None for OK). `started` is the clock when
-        it began if its duration is a latency sample (unary responses), else None."""
+        it began if its duration is a latency sample (unary responses), else None.
+
+        This and `begin` are the per-call path: only the counters the balancer reads are
+        kept here; totals are summed when someone asks (`describe`, `in_flight`)."""
+        now = self.clock() if started is not None else 0.0
         with self._lock:
-            route = slot.route
-            metric = route.metric
             slot.pending -= 1
-            metric.pending -= 1
-            self.in_flight -= 1
             slot.calls += 1
-            route.calls += 1
+            metric = slot.route.metric
+            metric.pending -= 1
             if code is not None:
                 slot.errors += 1
-                route.errors += 1
             if started is not None and (code is None or code in _SLOW_FAILURES):
-                now = self.clock()
                 metric.observe(now - started, now)
-            if self.closed and self.in_flight == 0:
+            if self.closed:
                 self._idle.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(route.metric.pending for route in self.routes)
 
     def close(self, grace: float | None = None) -> bool:
         """Stop admitting calls; with a grace, wait up to that long for in-flight calls to

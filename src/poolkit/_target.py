@@ -75,6 +75,8 @@ def _split_target(target: str) -> list[tuple[str, bool]]:
         return [(rest, True)]
     if "://" in text or (sep and not rest[:1].isdigit() and not text.startswith("[")):
         raise ConfigError("target", target, f"unknown scheme {scheme!r}: use host:port, dns:///, ipv4: or ipv6:")
+    if "," in text:
+        raise ConfigError("target", target, "names several addresses: write ipv4:a:p,b:p (or ipv6:), or pass a list")
     return [(text, True)]
 
 
