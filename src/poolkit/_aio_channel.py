@@ -226,7 +226,20 @@ def _status_now(call: Any) -> grpc.StatusCode | None:
 class _MultiCallable(MultiCallableBase):
     __slots__ = ()
 
-    def _start(self, request: Any, kwargs: dict[str, Any], sample_latency: bool, streaming: bool = False) -> Any:
+    # What a call of this kind does besides starting: whether its duration is a latency
+    # sample (unary responses) and whether its caller gets the cancelling stream proxy.
+    _sample_latency = False
+    _streaming = False
+
+    def _start(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> Any:
         pool = self._pool
         try:
             slot = pool.begin()
@@ -235,14 +248,21 @@ class _MultiCallable(MultiCallableBase):
         except PoolUnavailableError as error:
             raise AioPoolUnavailableError(error.details(), error.code()) from None
         bound = slot.callables.get(self._id) or self._bind(slot)
-        started = self._clock() if sample_latency else None
+        started = self._clock() if self._sample_latency else None
         try:
-            call = bound(request, **kwargs)
+            call = bound(
+                request,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
         except BaseException:
             pool.end(slot, None, _UNKNOWN)
             raise
         call.add_done_callback(functools.partial(self._end_call, slot, started))
-        return _Stream(call) if streaming else call
+        return _Stream(call) if self._streaming else call
 
     def _end_call(self, slot: Slot, started: float | None, call: Any) -> None:
         code = _status_now(call)
@@ -253,6 +273,7 @@ class _MultiCallable(MultiCallableBase):
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
     __slots__ = ()
+    _sample_latency = True
 
     def __call__(
         self,
@@ -263,18 +284,12 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        kwargs = {
-            "timeout": timeout,
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
-        return self._start(request, kwargs, True)
+        return self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
 
 
 class _UnaryStream(_MultiCallable, _UnaryStreamBase):
     __slots__ = ()
+    _streaming = True
 
     def __call__(
         self,
@@ -285,14 +300,7 @@ class _UnaryStream(_MultiCallable, _UnaryStreamBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        kwargs = {
-            "timeout": timeout,
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
-        return self._start(request, kwargs, False, streaming=True)
+        return self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
 
 
 class _StreamUnary(_MultiCallable, _StreamUnaryBase):
@@ -307,18 +315,12 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        kwargs = {
-            "timeout": timeout,
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
-        return self._start(request_iterator, kwargs, False)
+        return self._start(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
 
 
 class _StreamStream(_MultiCallable, _StreamStreamBase):
     __slots__ = ()
+    _streaming = True
 
     def __call__(
         self,
@@ -329,14 +331,7 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        kwargs = {
-            "timeout": timeout,
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
-        return self._start(request_iterator, kwargs, False, streaming=True)
+        return self._start(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
 
 
 class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
