@@ -1,20 +1,90 @@
-"""The benchmark program still runs: its quickest mode end to end, and the shape of its JSON.
+"""The benchmark program still runs: its quickest mode end to end, the shape of its JSON,
+and the options that choose what it runs.
 
 Nothing here judges speed; the benchmark reports ratios for people to read.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 METRICS = {"rps", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "cpu_us_per_call", "conns"}
+AIO_CASES = {"grpc-aio-1ch", "poolkit-aio-1ep", "poolkit-aio-4ep", "grpc-aio-rr-4ep"}
+
+
+def _bench_module() -> ModuleType:
+    """benchmarks/bench.py as a module (it is a script, not part of the package)."""
+    name = "poolkit_benchmark_script"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class _ParsedError(Exception):
+    """Raised in place of running the benchmark, once its arguments are parsed."""
+
+
+def _settings_for(argv: list[str]) -> Any:
+    """The settings `bench.main(argv)` would run with, without running anything."""
+    bench = _bench_module()
+    settings_from = bench.settings_from
+    parsed: list[argparse.Namespace] = []
+
+    def stop_after_parsing(args: argparse.Namespace) -> None:
+        parsed.append(args)
+        raise _ParsedError
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "settings_from", stop_after_parsing)
+        with pytest.raises(_ParsedError):
+            bench.main(argv)
+    return settings_from(parsed[0])
+
+
+@pytest.mark.parametrize(
+    ("argv", "parts"),
+    [
+        ([], ("sync", "aio", "slow")),
+        (["--only", "aio"], ("aio",)),
+        (["--only", "slow,sync"], ("sync", "slow")),
+        (["--only", "aio", "--only", "sync"], ("sync", "aio")),
+    ],
+)
+def test_only_chooses_the_parts_to_run(argv: list[str], parts: tuple[str, ...]) -> None:
+    assert _settings_for(["--quick", *argv]).parts == parts
+
+
+def test_only_refuses_an_unknown_part(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        _bench_module().main(["--only", "sync,threads"])
+    assert stopped.value.code == 2
+    assert "choose from sync, aio, slow" in capsys.readouterr().err
+
+
+def test_asyncio_measurements_make_several_calls_per_task() -> None:
+    quick = _settings_for(["--quick"])
+    assert quick.aio_concurrencies == (1, 256)
+    assert quick.aio_calls(1) == quick.calls
+    assert quick.aio_calls(256) == 2 * 256
+    # --calls is taken as given, at every concurrency.
+    assert _settings_for(["--quick", "--calls", "50"]).aio_calls(256) == 50
 
 
 def _check_case(case: dict[str, object]) -> None:
@@ -42,14 +112,17 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "grpc-1ch" in done.stdout
-    assert "Client CPU per call" in done.stdout
+    assert "grpc-aio-1ch" in done.stdout
+    assert "Client CPU per call, poolkit / grpc-1ch" in done.stdout
+    assert "Client CPU per call, poolkit.aio / grpc.aio" in done.stdout
 
     result = json.loads(out.read_text())
-    assert {"environment", "settings", "overhead", "slow_endpoint", "acceptance"} <= result.keys()
+    assert {"environment", "settings", "overhead", "aio", "slow_endpoint", "acceptance"} <= result.keys()
     env = result["environment"]
     for key in ("python", "grpcio", "poolkit", "cpu_count", "date"):
         assert env[key]
     assert result["settings"]["quick"] is True
+    assert result["settings"]["parts"] == ["sync", "aio", "slow"]
 
     assert result["overhead"]
     for group in result["overhead"]:
@@ -64,6 +137,19 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
         assert cases["grpc-1ch"]["conns"] == 1
         assert cases["poolkit-1ep"]["conns"] == 1
         assert cases["grpc-rr-4ep"]["conns"] == 4
+
+    # asyncio: one group per concurrency, the same columns, ratios to grpc-aio-1ch.
+    assert [(group["concurrency"], group["payload"]) for group in result["aio"]] == [(1, 64), (256, 64)]
+    for group in result["aio"]:
+        cases = group["cases"]
+        assert cases.keys() == AIO_CASES
+        for case in cases.values():
+            _check_case(case)
+            assert case["calls_per_round"] >= group["concurrency"]
+        assert cases["grpc-aio-1ch"]["ratios"]["cpu_us_per_call"] == 1.0
+        assert cases["grpc-aio-1ch"]["conns"] == 1
+        assert cases["poolkit-aio-1ep"]["conns"] == 1
+        assert cases["grpc-aio-rr-4ep"]["conns"] == 4
 
     for result_group in result["slow_endpoint"]:
         cases = result_group["cases"]
@@ -80,3 +166,12 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
         "poolkit-4ep c=32",
     }
     assert isinstance(figures["cpu_within_target"], bool)
+    assert set(figures["aio_cpu_ratio_64B"]) == {
+        "poolkit-aio-1ep c=1",
+        "poolkit-aio-4ep c=1",
+        "poolkit-aio-1ep c=256",
+        "poolkit-aio-4ep c=256",
+    }
+    assert figures["aio_cpu_ratio_64B_paired_median"].keys() == figures["aio_cpu_ratio_64B"].keys()
+    assert set(figures["aio_cpu_ratio_64B_4ep_vs_grpc_aio_rr_4ep"]) == {"poolkit-aio-4ep c=1", "poolkit-aio-4ep c=256"}
+    assert isinstance(figures["aio_cpu_within_target"], bool)
