@@ -192,6 +192,33 @@ def _ignore(state: grpc.ChannelConnectivity) -> None:
 class _MultiCallable(MultiCallableBase):
     __slots__ = ()
 
+    def _with_call(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+        sample_latency: bool,
+    ) -> tuple[Any, grpc.Call]:
+        """A blocking `with_call` on the chosen slot; its duration is a latency sample
+        only for unary requests (a request stream's pace is the caller's)."""
+        pool = self._pool
+        slot = pool.begin()
+        call = slot.callables.get(self._id) or self._bind(slot)
+        started = self._clock() if sample_latency else None
+        try:
+            result = call.with_call(request, timeout, metadata, credentials, wait_for_ready, compression)
+        except grpc.RpcError as error:
+            pool.end(slot, started, error.code())
+            raise
+        except BaseException:
+            pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+            raise
+        pool.end(slot, started)
+        return result  # type: ignore[no-any-return]
+
     def _end_call(self, slot: Slot, started: float | None, call_ref: weakref.ref[Any]) -> None:
         call = call_ref()
         # A call collected unfinished was cancelled by grpc on the way out.
@@ -235,20 +262,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        pool = self._pool
-        slot = pool.begin()
-        call = slot.callables.get(self._id) or self._bind(slot)
-        started = self._clock()
-        try:
-            result = call.with_call(request, timeout, metadata, credentials, wait_for_ready, compression)
-        except grpc.RpcError as error:
-            pool.end(slot, started, error.code())
-            raise
-        except BaseException:
-            pool.end(slot, None, grpc.StatusCode.UNKNOWN)
-            raise
-        pool.end(slot, started)
-        return result  # type: ignore[no-any-return]
+        return self._with_call(request, timeout, metadata, credentials, wait_for_ready, compression, True)
 
     def future(
         self,
@@ -289,7 +303,7 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return self.with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)[0]
+        return self._with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression, False)[0]
 
     def with_call(
         self,
@@ -300,19 +314,7 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        pool = self._pool
-        slot = pool.begin()
-        call = slot.callables.get(self._id) or self._bind(slot)
-        try:
-            result = call.with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
-        except grpc.RpcError as error:
-            pool.end(slot, None, error.code())
-            raise
-        except BaseException:
-            pool.end(slot, None, grpc.StatusCode.UNKNOWN)
-            raise
-        pool.end(slot, None)
-        return result  # type: ignore[no-any-return]
+        return self._with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression, False)
 
     def future(
         self,
