@@ -9,13 +9,15 @@
 
 from . import aio
 from ._channel import Channel, insecure_channel, secure_channel
-from ._config import PoolConfig
+from ._config import FailureAccrual, HealthCheck, PoolConfig
 from ._errors import ConfigError, PoolClosedError, PoolkitError, PoolUnavailableError
 from ._version import __version__
 
 __all__ = [
     "Channel",
     "ConfigError",
+    "FailureAccrual",
+    "HealthCheck",
     "PoolClosedError",
     "PoolConfig",
     "PoolUnavailableError",

@@ -11,18 +11,21 @@ held across an await; nothing is built per call but the callback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 import grpc.aio
 
+from ._aio_watch import check_health, discover, follow_connectivity
 from ._config import PoolConfig
 from ._errors import ConfigError, PoolClosedError, PoolUnavailableError
-from ._pool import Slot
+from ._pool import Route, Slot
 from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
 from ._target import Endpoint
 
@@ -108,18 +111,75 @@ class Channel(Pooled, grpc.aio.Channel):
         self._credentials = credentials
         self._compression = compression
         self._interceptors = list(interceptors) if interceptors is not None else None
-        for slot in self._pool.slots:
-            slot.channel = self._open(slot.route.endpoint)
+        # Background tasks (connectivity, health, discovery) need the event loop; they
+        # start here when one is running, else with the first call or channel_ready().
+        self._tasks: dict[object, list[asyncio.Task[None]]] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()
+        self._health_channels: dict[Route, grpc.aio.Channel] = {}
+        for route in self._pool.routes:
+            self._open_route(route)
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop()
+            self._start_background()
+
+    def _open_route(self, route: Route) -> None:
+        for slot in route.slots:
+            slot.channel = self._open(route.endpoint)
             if self.config.connect_on_start:
                 slot.channel.get_state(try_to_connect=True)
+        if self._tasks is not None:
+            self._start_route(route)
 
-    def _open(self, endpoint: Endpoint) -> grpc.aio.Channel:
+    def _start_route(self, route: Route) -> None:
+        assert self._tasks is not None
+        pool = self._pool
+        tasks = [
+            asyncio.ensure_future(follow_connectivity(pool, slot, self.config.connect_on_start)) for slot in route.slots
+        ]
+        health = self.config.health_check
+        if health is not None:
+            channel = route.slots[0].channel
+            if self._interceptors:
+                # The caller's interceptors are for the caller's calls: health checks get a
+                # connection of their own rather than showing up in their traces and metrics.
+                channel = self._health_channels[route] = self._open(route.endpoint, interceptors=False)
+            tasks.append(asyncio.ensure_future(check_health(pool, route, channel, health, pool.rng)))
+        self._tasks[route] = tasks
+
+    def _start_background(self) -> None:
+        """Start the background tasks on the running loop (once)."""
+        if self._tasks is not None or self._pool.closed:
+            return
+        self._tasks = {}
+        for route in self._pool.routes:
+            self._start_route(route)
+        if self._discovery.dynamic:
+            self._tasks[self] = [asyncio.ensure_future(discover(weakref.ref(self)))]
+
+    def _close_route(self, route: Route) -> None:
+        for task in self._tasks.pop(route, []) if self._tasks is not None else []:
+            task.cancel()
+        channels = [slot.channel for slot in route.slots]
+        if route in self._health_channels:
+            channels.append(self._health_channels.pop(route))
+        for channel in channels:
+            closing = asyncio.ensure_future(channel.close(None))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    def __del__(self) -> None:
+        # A channel dropped without close(): its tasks must not outlive it.
+        for tasks in (getattr(self, "_tasks", None) or {}).values():
+            for task in tasks:
+                task.cancel()
+
+    def _open(self, endpoint: Endpoint, *, interceptors: bool = True) -> grpc.aio.Channel:
         options = slot_options(endpoint, self._grpc_options)
+        chain = self._interceptors if interceptors else None
         if self._credentials is None:
-            return grpc.aio.insecure_channel(endpoint.grpc_target, options, self._compression, self._interceptors)
-        return grpc.aio.secure_channel(
-            endpoint.grpc_target, self._credentials, options, self._compression, self._interceptors
-        )
+            return grpc.aio.insecure_channel(endpoint.grpc_target, options, self._compression, chain)
+        return grpc.aio.secure_channel(endpoint.grpc_target, self._credentials, options, self._compression, chain)
 
     # -- the grpc.aio.Channel contract -----------------------------------------------------
 
@@ -176,6 +236,8 @@ class Channel(Pooled, grpc.aio.Channel):
                 asyncio.ensure_future(slot.channel.wait_for_state_change(slot.channel.get_state()))
                 for slot in self._pool.slots
             ]
+            # grpc.aio does not always wake a state waiter when the channel closes under it.
+            waits.append(asyncio.ensure_future(self._closed.wait()))
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -184,6 +246,7 @@ class Channel(Pooled, grpc.aio.Channel):
 
     async def channel_ready(self) -> None:
         """Wait until at least one connection of the pool is ready."""
+        self._start_background()
         while (state := self.get_state(try_to_connect=True)) is not grpc.ChannelConnectivity.READY:
             if state is grpc.ChannelConnectivity.SHUTDOWN:
                 raise AioPoolClosedError(f"poolkit channel to {self._pool.target} is closed")
@@ -192,8 +255,18 @@ class Channel(Pooled, grpc.aio.Channel):
     async def close(self, grace: float | None = None) -> None:
         """Stop admitting calls, let those in flight finish for up to `grace` seconds, then
         close every connection (cancelling what is still running). Idempotent."""
-        if self._pool.close():
-            await asyncio.gather(*(slot.channel.close(grace) for slot in self._pool.slots))
+        if not self._pool.close():
+            return
+        self._closed.set()
+        # Health streams first: a channel's close(grace) would wait for them too.
+        tasks = [task for route_tasks in (self._tasks or {}).values() for task in route_tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *self._closing, return_exceptions=True)
+        channels = [slot.channel for slot in self._pool.slots]
+        await asyncio.gather(
+            *(channel.close(grace) for channel in channels), *(c.close(None) for c in self._health_channels.values())
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -224,7 +297,19 @@ def _status_now(call: Any) -> grpc.StatusCode | None:
 
 
 class _MultiCallable(MultiCallableBase):
-    __slots__ = ()
+    __slots__ = ("_owner",)
+
+    def __init__(
+        self,
+        channel: Channel,
+        kind: str,
+        method: str,
+        request_serializer: Serializer,
+        response_deserializer: Deserializer,
+        registered: bool | None,
+    ) -> None:
+        super().__init__(channel, kind, method, request_serializer, response_deserializer, registered)
+        self._owner = channel
 
     # What a call of this kind does besides starting: whether its duration is a latency
     # sample (unary responses) and whether its caller gets the cancelling stream proxy.
@@ -241,8 +326,10 @@ class _MultiCallable(MultiCallableBase):
         compression: grpc.Compression | None,
     ) -> Any:
         pool = self._pool
+        if self._owner._tasks is None:
+            self._owner._start_background()
         try:
-            slot = pool.begin()
+            slot = pool.begin(wait_for_ready)
         except PoolClosedError as error:
             raise AioPoolClosedError(error.details(), error.code()) from None
         except PoolUnavailableError as error:

@@ -8,6 +8,7 @@ but what grpc itself does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import time
@@ -19,9 +20,13 @@ import grpc
 
 from ._config import PoolConfig
 from ._errors import ConfigError
-from ._pool import Slot
+from ._pool import Route, Slot
 from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
+from ._sync_watch import DiscoveryThread, HealthThread
 from ._target import Endpoint
+
+# How long close() waits for each background thread; they stop promptly once told.
+_JOIN_TIMEOUT = 2.0
 
 _OK = grpc.StatusCode.OK
 ConnectivityCallback = Callable[[grpc.ChannelConnectivity], None]
@@ -75,15 +80,43 @@ class Channel(Pooled, grpc.Channel):
         super().__init__(target, config, options, clock, rng)
         self._credentials = credentials
         self._subscribers: dict[ConnectivityCallback, None] = {}
-        self._watchers: list[tuple[grpc.Channel, Callable[[grpc.ChannelConnectivity], None]]] = []
-        for slot in self._pool.slots:
-            slot.channel = self._open(slot.route.endpoint, self._grpc_options)
-        for slot in self._pool.slots:
+        self._watchers: dict[Slot, Callable[[grpc.ChannelConnectivity], None]] = {}
+        self._health: dict[Route, HealthThread] = {}
+        for route in self._pool.routes:
+            self._open_route(route)
+        dynamic = self._discovery.dynamic
+        self._discovery_thread = DiscoveryThread(self, self._pool.target) if dynamic else None
+
+    def _open_route(self, route: Route) -> None:
+        for slot in route.slots:
+            slot.channel = self._open(route.endpoint, self._grpc_options)
+        for slot in route.slots:
             # Weakly: grpc's polling thread holds the watcher, and a strong reference would
             # keep a dropped poolkit channel (and its connections) alive for ever.
             watcher = functools.partial(_watch, weakref.ref(self), weakref.ref(slot))
             slot.channel.subscribe(watcher, try_to_connect=self.config.connect_on_start)
-            self._watchers.append((slot.channel, watcher))
+            self._watchers[slot] = watcher
+        health = self.config.health_check
+        if health is not None:
+            self._health[route] = HealthThread(self._pool, route, health, self._pool.rng)
+
+    def _close_route(self, route: Route) -> None:
+        checker = self._health.pop(route, None)
+        if checker is not None:
+            checker.stop()
+        for slot in route.slots:
+            watcher = self._watchers.pop(slot, None)
+            if watcher is not None:
+                slot.channel.unsubscribe(watcher)
+            slot.channel.close()
+
+    def _discovery_step(self) -> float:
+        """One round of the discovery thread: resolve if due, retire drained routes;
+        the seconds to wait before the next round."""
+        if self._resolution_due():
+            self._apply(self._discovery.resolve(self._pool.clock()))
+        self._retire_drained()
+        return self._maintenance_wait()
 
     def _open(self, endpoint: Endpoint, options: ChannelOptions) -> grpc.Channel:
         slot_opts = slot_options(endpoint, options)
@@ -152,12 +185,28 @@ class Channel(Pooled, grpc.Channel):
         every connection (cancelling what is still running). Idempotent."""
         if not self._pool.close(grace):
             return
-        for channel, watcher in self._watchers:
-            channel.unsubscribe(watcher)
-        for slot in self._pool.slots:
-            slot.channel.close()
+        self._stop_background()
+        for route in self._pool.routes:
+            self._close_route(route)
         with self._lock:
             self._subscribers.clear()
+
+    def _stop_background(self) -> None:
+        threads: list[HealthThread | DiscoveryThread] = list(self._health.values())
+        if self._discovery_thread is not None:
+            threads.append(self._discovery_thread)
+        for thread in threads:
+            thread.stop()
+        for thread in threads:
+            thread.join(_JOIN_TIMEOUT)
+
+    def __del__(self) -> None:
+        # A channel dropped without close(): its threads must not outlive it.
+        for thread in getattr(self, "_health", {}).values():
+            thread.stop()
+        discovery = getattr(self, "_discovery_thread", None)
+        if discovery is not None:
+            discovery.stop()
 
     def __enter__(self) -> Self:
         return self
@@ -170,7 +219,16 @@ class Channel(Pooled, grpc.Channel):
     # -- plumbing -------------------------------------------------------------------------
 
     def _on_slot_state(self, slot: Slot, state: grpc.ChannelConnectivity) -> None:
-        overall = self._pool.set_slot_state(slot, state)
+        pool = self._pool
+        was = slot.state
+        overall = pool.set_slot_state(slot, state)
+        idle_after_ready = state is grpc.ChannelConnectivity.IDLE and was is grpc.ChannelConnectivity.READY
+        if idle_after_ready and not pool.closed and slot in self._watchers:
+            # A connection that went idle (server GOAWAY, max connection age) is replaced
+            # now rather than on the next call that happens to pick it.
+            with contextlib.suppress(ValueError):  # closed meanwhile
+                slot.channel.subscribe(_ignore, try_to_connect=True)
+                slot.channel.unsubscribe(_ignore)
         if overall is None:
             return
         with self._lock:
@@ -205,7 +263,7 @@ class _MultiCallable(MultiCallableBase):
         """A blocking `with_call` on the chosen slot; its duration is a latency sample
         only for unary requests (a request stream's pace is the caller's)."""
         pool = self._pool
-        slot = pool.begin()
+        slot = pool.begin(wait_for_ready)
         call = slot.callables.get(self._id) or self._bind(slot)
         started = self._clock() if sample_latency else None
         try:
@@ -239,7 +297,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         compression: grpc.Compression | None = None,
     ) -> Any:
         pool = self._pool
-        slot = pool.begin()
+        slot = pool.begin(wait_for_ready)
         call = slot.callables.get(self._id) or self._bind(slot)
         started = self._clock()
         try:
@@ -360,7 +418,7 @@ def _start(
     slot from grpc's done-callback, which runs whichever way the call ends: response,
     error, deadline, cancel(), or the call object being dropped unfinished."""
     pool = multicallable._pool
-    slot = pool.begin()
+    slot = pool.begin(wait_for_ready)
     bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
     started = multicallable._clock() if sample_latency else None
     try:

@@ -3,15 +3,123 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
+
+import grpc
 
 from ._errors import ConfigError
 
 Balancer = Literal["p2c_peak_ewma", "p2c_least_loaded", "round_robin"]
 BALANCERS: tuple[str, ...] = ("p2c_peak_ewma", "p2c_least_loaded", "round_robin")
+
+
+Resolver = Callable[[str], Iterable[str]]
+"""Given the channel's target, the endpoints' "host:port" addresses now (a service registry lookup)."""
+
+DEFAULT_FAILURE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealthCheck:
+    """Active health checking with grpc.health.v1, per endpoint, over the pool's own connection.
+
+    `Watch` streams status changes when the server implements it; otherwise `Check` is
+    called every `interval` with a `timeout`. NOT_SERVING or SERVICE_UNKNOWN takes the
+    endpoint out of rotation until it reports SERVING again. A server without the health
+    service (UNIMPLEMENTED) is assumed healthy.
+    """
+
+    service: str = ""
+    """The service name to ask about; "" asks about the server as a whole."""
+
+    interval: float = 5.0
+    """Seconds between `Check` calls when `Watch` is not available (Envoy's default)."""
+
+    timeout: float = 1.0
+    """Seconds a `Check` call may take; a check that times out leaves the status unknown."""
+
+    watch: bool = True
+    """Use the streaming `Watch` when the server supports it; False polls with `Check`."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.service, str):
+            raise ConfigError("health_check.service", self.service, "must be a string")
+        _check_positive("health_check.interval", self.interval)
+        _check_positive("health_check.timeout", self.timeout)
+        if not isinstance(self.watch, bool):
+            raise ConfigError("health_check.watch", self.watch, "must be True or False")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailureAccrual:
+    """Passive health: which call outcomes count against an endpoint, and when it is ejected.
+
+    An endpoint is ejected after `consecutive_failures` failures in a row, or when its
+    success rate over `success_rate_window` seconds (with at least `success_rate_min_calls`
+    calls) falls below `success_rate`. The first ejection lasts `ejection_min` seconds,
+    each further one twice as long up to `ejection_max`, all ±`jitter`. When it ends, one
+    call is let through as a probe: success restores the endpoint, failure ejects it again.
+    """
+
+    consecutive_failures: int | None = 5
+    """Failures in a row that eject an endpoint (Finagle's default); None turns this policy off."""
+
+    success_rate: float | None = 0.8
+    """Minimum share of successful calls over the window (Finagle, Envoy); None turns it off."""
+
+    success_rate_window: float = 30.0
+    """Seconds over which the success rate is measured."""
+
+    success_rate_min_calls: int = 5
+    """Calls the window must hold before the success rate can eject."""
+
+    failure_codes: frozenset[grpc.StatusCode] = DEFAULT_FAILURE_CODES
+    """Status codes that count as the endpoint's failure. Other codes (NOT_FOUND,
+    INVALID_ARGUMENT, ...) are the application's answer and count as successes."""
+
+    ejection_min: float = 5.0
+    """Seconds of the first ejection."""
+
+    ejection_max: float = 300.0
+    """Longest ejection, however often the endpoint fails its probes."""
+
+    jitter: float = 0.2
+    """Ejection durations vary by up to this share either way, so endpoints ejected
+    together do not all come back together."""
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures is not None:
+            _check_int("failure_accrual.consecutive_failures", self.consecutive_failures, low=1, high=1_000_000)
+        if self.success_rate is not None:
+            _check_share("failure_accrual.success_rate", self.success_rate)
+        _check_positive("failure_accrual.success_rate_window", self.success_rate_window)
+        _check_int("failure_accrual.success_rate_min_calls", self.success_rate_min_calls, low=1, high=1_000_000)
+        codes = self.failure_codes
+        if isinstance(codes, grpc.StatusCode) or not isinstance(codes, Iterable):
+            raise ConfigError("failure_accrual.failure_codes", codes, "must be a set of grpc.StatusCode")
+        codes = frozenset(codes)
+        for code in codes:
+            if not isinstance(code, grpc.StatusCode):
+                raise ConfigError("failure_accrual.failure_codes", code, "must be a grpc.StatusCode")
+        if grpc.StatusCode.OK in codes:
+            raise ConfigError("failure_accrual.failure_codes", codes, "cannot count OK as a failure")
+        object.__setattr__(self, "failure_codes", codes)
+        _check_positive("failure_accrual.ejection_min", self.ejection_min)
+        _check_positive("failure_accrual.ejection_max", self.ejection_max)
+        if self.ejection_max < self.ejection_min:
+            raise ConfigError("failure_accrual.ejection_max", self.ejection_max, "must be at least ejection_min")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float) or not 0 <= self.jitter < 1:
+            raise ConfigError("failure_accrual.jitter", self.jitter, "must be a number from 0 up to (not including) 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +153,28 @@ class PoolConfig:
     connect_on_start: bool = True
     """Open every connection when the channel is built rather than on its first call."""
 
+    health_check: HealthCheck | None = field(default_factory=HealthCheck)
+    """Active grpc.health.v1 checks of every endpoint; None switches them off."""
+
+    failure_accrual: FailureAccrual | None = field(default_factory=FailureAccrual)
+    """Passive health from call outcomes, with ejection and probing; None switches it off."""
+
+    max_ejected_share: float = 0.5
+    """Failure accrual never ejects more than this share of the endpoints (Envoy's 50 %)."""
+
+    panic_threshold: float = 0.5
+    """When fewer than this share of the endpoints are healthy, calls are spread over every
+    endpoint that can still connect instead of piling onto the few (Envoy's panic mode,
+    50 %). 0 turns panic off: calls then fail fast once no endpoint is healthy."""
+
+    resolve_interval: float | None = 30.0
+    """Seconds between re-resolutions of a name (a `dns:///` target or a `resolver`),
+    jittered; an endpoint failing brings the next one forward. None resolves only once."""
+
+    resolver: Resolver | None = None
+    """A callable that, given the target string, returns the endpoints' "host:port"
+    addresses, for service registries. Called at construction and then like DNS."""
+
     def __post_init__(self) -> None:
         if self.balancer not in BALANCERS:
             raise ConfigError("balancer", self.balancer, f"must be one of {', '.join(BALANCERS)}")
@@ -60,6 +190,16 @@ class PoolConfig:
                 raise ConfigError("weights", address, "keys must be endpoint addresses like '10.0.0.1:50051'")
             _check_positive(f"weights[{address!r}]", weight)
         object.__setattr__(self, "weights", MappingProxyType(dict(self.weights)))
+        if self.health_check is not None and not isinstance(self.health_check, HealthCheck):
+            raise ConfigError("health_check", self.health_check, "must be a poolkit.HealthCheck or None")
+        if self.failure_accrual is not None and not isinstance(self.failure_accrual, FailureAccrual):
+            raise ConfigError("failure_accrual", self.failure_accrual, "must be a poolkit.FailureAccrual or None")
+        _check_share("max_ejected_share", self.max_ejected_share)
+        _check_share("panic_threshold", self.panic_threshold)
+        if self.resolve_interval is not None:
+            _check_positive("resolve_interval", self.resolve_interval)
+        if self.resolver is not None and not callable(self.resolver):
+            raise ConfigError("resolver", self.resolver, "must be a callable taking the target, or None")
 
 
 def _check_int(name: str, value: object, *, low: int, high: int) -> None:
@@ -74,3 +214,10 @@ def _check_positive(name: str, value: object) -> None:
         raise ConfigError(name, value, "must be a number")
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(name, value, "must be a finite number greater than 0")
+
+
+def _check_share(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, value, "must be a number")
+    if not 0 <= value <= 1:
+        raise ConfigError(name, value, "must be between 0 and 1")

@@ -1,14 +1,23 @@
 """The pool's state and decisions, free of I/O: which slot a call goes to, what is in
-flight, how each route has been doing, and what the pool looks like as a whole.
+flight, how each route is doing, which routes are out of rotation and why.
 
 A route is an endpoint (later, an endpoint × source address); a slot is one grpc
 channel, one TCP connection, of a route. The shells (sync, asyncio) create and close the
-channels; this module only holds them as opaque handles. It takes a lock for its own
-bookkeeping and never holds it across I/O, so one instance serves threads and tasks alike.
+channels and run the health checks and resolutions; they report what they see here
+(`set_slot_state`, `set_health`, `update_endpoints`) and this module decides. It takes a
+lock for its own bookkeeping and never holds it across I/O, so one instance serves
+threads and tasks alike.
+
+A route is out of rotation when discovery removed it (draining), failure accrual ejected
+it, its health check says NOT_SERVING, or every connection of it is failing. Calls go to
+the routes in rotation; when fewer than `panic_threshold` of the routes are, to every
+route that can still connect (panic); when none can, they fail at once with the reason.
 """
 
 from __future__ import annotations
 
+import collections
+import math
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -16,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from . import _health
+from ._accrual import Accrual
 from ._balancer import Picker, PowerOfTwoChoices, RoundRobin
 from ._config import PoolConfig
 from ._errors import PoolClosedError, PoolUnavailableError
@@ -24,16 +35,45 @@ from ._target import Endpoint
 
 Clock = Callable[[], float]
 _Connectivity = grpc.ChannelConnectivity
+_READY = _Connectivity.READY
+_CANCELLED = grpc.StatusCode.CANCELLED
 
 # Codes whose elapsed time says something about the route's latency: a timed-out call
 # was at least that slow. Other failures return fast and would flatter a broken route.
 _SLOW_FAILURES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED})
 
+# Route status, as describe() shows it, in the order they win when several hold.
+DRAINING = "draining"  # removed by discovery; in-flight calls finish, then it closes
+EJECTED = "ejected"  # failure accrual took it out until `ejected_until`
+PROBING = "probing"  # its ejection is over; one call decides whether it comes back
+FAILING = "failing"  # every connection of it is in TRANSIENT_FAILURE (or shut down)
+UNHEALTHY = "unhealthy"  # its health check says NOT_SERVING
+HEALTHY = "healthy"
+
+# Probe progress of a route whose ejection has run out.
+_NO_PROBE = 0
+_PROBE_WAITING = 1  # for a connection to be READY before spending a call on it
+_PROBE_OPEN = 2  # the next call goes there
+_PROBE_SENT = 3  # that call is in flight
+
+_TRANSITIONS_KEPT = 64
+
 
 class Slot:
     """One grpc channel of a route, and what it has carried."""
 
-    __slots__ = ("__weakref__", "callables", "calls", "channel", "errors", "index", "pending", "route", "state")
+    __slots__ = (
+        "__weakref__",
+        "callables",
+        "calls",
+        "channel",
+        "errors",
+        "failing",
+        "index",
+        "pending",
+        "route",
+        "state",
+    )
 
     def __init__(self, route: Route, index: int) -> None:
         self.route = route
@@ -41,6 +81,10 @@ class Slot:
         self.channel: Any = None  # set by the shell that opens it
         self.callables: dict[int, Any] = {}  # method id -> this channel's multicallable
         self.state = _Connectivity.IDLE
+        # Set by TRANSIENT_FAILURE, cleared only by READY (gRPC's "sticky" failure): a
+        # connection retrying in the background flips to CONNECTING between failures,
+        # and calls sent to it then would only fail in turn.
+        self.failing = False
         self.pending = 0
         self.calls = 0
         self.errors = 0
@@ -50,15 +94,42 @@ class Slot:
 
 
 class Route:
-    """An endpoint as the balancer sees it: a load metric, a weight and its slots."""
+    """An endpoint as the balancer sees it: a load metric, a weight, its slots and health."""
 
-    __slots__ = ("endpoint", "metric", "slots", "weight")
+    __slots__ = (
+        "accrual",
+        "draining",
+        "ejected_until",
+        "ejections",
+        "endpoint",
+        "health",
+        "live",
+        "metric",
+        "probe",
+        "slots",
+        "status",
+        "weight",
+    )
 
-    def __init__(self, endpoint: Endpoint, metric: LoadMetric, weight: float, slot_count: int) -> None:
+    def __init__(
+        self, endpoint: Endpoint, metric: LoadMetric, weight: float, slot_count: int, accrual: Accrual | None
+    ) -> None:
         self.endpoint = endpoint
         self.metric = metric
         self.weight = weight
         self.slots = [Slot(self, i) for i in range(slot_count)]
+        self.live = self.slots  # the slots a call may take: ready ones first
+        self.accrual = accrual
+        self.health = _health.UNCHECKED
+        self.draining = False
+        self.ejected_until: float | None = None
+        self.ejections = 0
+        self.probe = _NO_PROBE
+        self.status = HEALTHY
+
+    @property
+    def failing(self) -> bool:
+        return all(slot.failing for slot in self.slots)
 
     @property
     def calls(self) -> int:
@@ -68,8 +139,25 @@ class Route:
     def errors(self) -> int:
         return sum(slot.errors for slot in self.slots)
 
+    def _status(self) -> str:
+        if self.draining:
+            return DRAINING
+        if self.ejected_until is not None:
+            return EJECTED
+        if self.probe != _NO_PROBE:
+            return PROBING
+        if self.failing:
+            return FAILING
+        if self.health == _health.NOT_SERVING:
+            return UNHEALTHY
+        return HEALTHY
+
+    def _choose_live(self) -> None:
+        ready = [s for s in self.slots if s.state is _READY]
+        self.live = ready or [s for s in self.slots if not s.failing] or self.slots
+
     def __repr__(self) -> str:
-        return f"<Route {self.endpoint.address} pending={self.metric.pending} calls={self.calls}>"
+        return f"<Route {self.endpoint.address} {self.status} pending={self.metric.pending} calls={self.calls}>"
 
 
 def _slot_pending(slot: Slot) -> int:
@@ -77,7 +165,7 @@ def _slot_pending(slot: Slot) -> int:
 
 
 class PoolState:
-    """Routes, picks and accounting for one poolkit channel."""
+    """Routes, picks, accounting and health for one poolkit channel."""
 
     def __init__(
         self,
@@ -91,38 +179,68 @@ class PoolState:
         self.target = target
         self.config = config
         self.clock = clock
-        now = clock()
-        metric_type = LeastLoaded if config.balancer == "p2c_least_loaded" else PeakEwma
-        self.routes = [
-            Route(
-                endpoint,
-                metric_type(decay=config.ewma_decay, initial_rtt=config.initial_rtt, now=now),
-                _weight_of(endpoint, config),
-                config.connections_per_endpoint,
-            )
-            for endpoint in endpoints
-        ]
-        self._picker: Picker[Route] = RoundRobin(rng) if config.balancer == "round_robin" else PowerOfTwoChoices(rng)
-        self._picker.update(self.routes)
+        self.rng = rng
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.closed = False
         self.connectivity = _Connectivity.IDLE
+        self.panic = False
+        self.resolve_soon = False  # an endpoint failed: discovery should look again early
+        self.resolver_error: str | None = None
+        self.routes: list[Route] = []
+        self._in_rotation: list[Route] = []
+        self._fallback: list[Route] = []  # where wait_for_ready calls go when nothing is in rotation
+        self._probes: collections.deque[Route] = collections.deque()
+        self._next_expiry = math.inf  # earliest ejected_until
+        self.transitions: collections.deque[tuple[float, str, str, str, str]] = collections.deque(
+            maxlen=_TRANSITIONS_KEPT
+        )
+        self._picker: Picker[Route] = RoundRobin(rng) if config.balancer == "round_robin" else PowerOfTwoChoices(rng)
+        self.routes = self.new_routes(endpoints)
+        self._refresh(clock(), "")
+
+    def new_routes(self, endpoints: Sequence[Endpoint]) -> list[Route]:
+        """Routes for `endpoints`, not yet in the pool: the shell opens their channels,
+        then hands them to `update_endpoints`."""
+        config = self.config
+        now = self.clock()
+        metric_type = LeastLoaded if config.balancer == "p2c_least_loaded" else PeakEwma
+        routes = []
+        for endpoint in endpoints:
+            accrual = Accrual(config.failure_accrual, now) if config.failure_accrual is not None else None
+            metric = metric_type(decay=config.ewma_decay, initial_rtt=config.initial_rtt, now=now)
+            route = Route(endpoint, metric, _weight_of(endpoint, config), config.connections_per_endpoint, accrual)
+            if config.health_check is not None:
+                route.health = _health.UNKNOWN
+            routes.append(route)
+        return routes
 
     @property
     def slots(self) -> list[Slot]:
         return [slot for route in self.routes for slot in route.slots]
 
-    def begin(self) -> Slot:
-        """Choose the slot for a new call and count the call in flight on it."""
+    # -- the per-call path ----------------------------------------------------------------
+
+    def begin(self, wait_for_ready: bool | None = None) -> Slot:
+        """Choose the slot for a new call and count the call in flight on it; raise
+        `PoolUnavailableError` at once, saying why, when no route can take it."""
         with self._lock:
             if self.closed:
                 raise PoolClosedError(f"poolkit channel to {self.target} is closed")
-            if not self.routes:
-                raise PoolUnavailableError(f"poolkit channel to {self.target} has no endpoint")
-            route = self._picker.pick(self.clock())
-            slots = route.slots
-            slot = slots[0] if len(slots) == 1 else min(slots, key=_slot_pending)
+            now = self.clock()
+            if now >= self._next_expiry:
+                self._end_ejections(now)
+            if self._probes and (route := self._probes.popleft()).probe == _PROBE_OPEN and not route.draining:
+                route.probe = _PROBE_SENT
+            elif self._in_rotation:
+                route = self._picker.pick(now)
+            elif wait_for_ready and self._fallback:
+                # The caller would rather wait for a connection than fail: let grpc wait.
+                route = self._fallback[int(self.rng.random() * len(self._fallback))]
+            else:
+                raise PoolUnavailableError(self._why_unavailable(now))
+            live = route.live
+            slot = live[0] if len(live) == 1 else min(live, key=_slot_pending)
             slot.pending += 1
             route.metric.pending += 1
         return slot
@@ -131,20 +249,104 @@ class PoolState:
         """A call on `slot` finished with `code` (None for OK). `started` is the clock when
         it began if its duration is a latency sample (unary responses), else None.
 
-        This and `begin` are the per-call path: only the counters the balancer reads are
-        kept here; totals are summed when someone asks (`describe`, `in_flight`)."""
-        now = self.clock() if started is not None else 0.0
+        This and `begin` are the per-call path: only what the balancer and the accrual
+        read is kept here; totals are summed when someone asks (`describe`, `in_flight`)."""
+        now = self.clock()
         with self._lock:
             slot.pending -= 1
             slot.calls += 1
-            metric = slot.route.metric
+            route = slot.route
+            metric = route.metric
             metric.pending -= 1
             if code is not None:
                 slot.errors += 1
             if started is not None and (code is None or code in _SLOW_FAILURES):
                 metric.observe(now - started, now)
-            if self.closed:
+            accrual = route.accrual
+            if accrual is None:
+                pass
+            elif code is _CANCELLED:  # a caller's cancel says nothing of the server
+                if route.probe == _PROBE_SENT:
+                    self._open_probe(route)  # nor does a cancelled probe: send another
+            else:
+                failed = code is not None and code in accrual.policy.failure_codes
+                if route.probe or route.ejected_until is not None:
+                    self._probe_outcome(route, failed, now)
+                elif not failed:
+                    accrual.success(now)
+                elif (why := accrual.failure(now)) is not None:
+                    self._eject(route, now, why)
+            if self.closed or route.draining:
                 self._idle.notify_all()
+
+    # -- what the shells report -----------------------------------------------------------
+
+    def set_slot_state(self, slot: Slot, state: _Connectivity) -> _Connectivity | None:
+        """Record a slot's connectivity; the pool's new overall state if that changed."""
+        with self._lock:
+            slot.state = state
+            route = slot.route
+            was_failing = route.failing
+            if state is _READY:
+                slot.failing = False
+            elif state is _Connectivity.TRANSIENT_FAILURE or state is _Connectivity.SHUTDOWN:
+                slot.failing = True
+            route._choose_live()
+            if route.failing != was_failing:
+                if route.failing:
+                    self.resolve_soon = True
+                self._refresh(self.clock(), f"connection {state.name.lower()}")
+            if state is _READY and route.probe == _PROBE_WAITING:
+                self._open_probe(route)
+            overall = _overall(s.state for r in self.routes for s in r.slots)
+            if overall is self.connectivity:
+                return None
+            self.connectivity = overall
+            return overall
+
+    def set_health(self, route: Route, health: str) -> None:
+        """Record what the route's active health check says."""
+        with self._lock:
+            if route.health == health:
+                return
+            route.health = health
+            self._refresh(self.clock(), f"health check: {health.replace('_', ' ')}")
+
+    def update_endpoints(self, added: Sequence[Route], wanted: Sequence[Endpoint]) -> None:
+        """Discovery's new answer: `wanted` is the whole set; `added` are routes made by
+        `new_routes` (channels open) for the endpoints the pool did not have. Routes not
+        wanted any more drain; a draining route wanted again comes back."""
+        keys = {(e.host, e.port) for e in wanted}
+        with self._lock:
+            now = self.clock()
+            present = {(r.endpoint.host, r.endpoint.port): r for r in self.routes}
+            for key, route in present.items():
+                route.draining = key not in keys
+            self.routes.extend(r for r in added if (r.endpoint.host, r.endpoint.port) not in present)
+            self._refresh(now, "resolver")
+
+    def unknown(self, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
+        """Those of `endpoints` the pool has no route for."""
+        with self._lock:
+            present = {(r.endpoint.host, r.endpoint.port) for r in self.routes}
+        return [e for e in endpoints if (e.host, e.port) not in present]
+
+    def take_drained(self) -> list[Route]:
+        """Remove and return the draining routes with nothing left in flight: the shell
+        closes their channels."""
+        with self._lock:
+            drained = [r for r in self.routes if r.draining and r.metric.pending == 0]
+            if drained:
+                self.routes = [r for r in self.routes if r not in drained]
+                now = self.clock()
+                for route in drained:
+                    self.transitions.append((now, route.endpoint.address, DRAINING, "closed", "drained"))
+                self._refresh(now, "")
+            return drained
+
+    @property
+    def draining(self) -> bool:
+        return any(route.draining for route in self.routes)
 
     @property
     def in_flight(self) -> int:
@@ -160,15 +362,97 @@ class PoolState:
                 self._idle.wait_for(lambda: self.in_flight == 0, timeout=grace)
         return was_open
 
-    def set_slot_state(self, slot: Slot, state: _Connectivity) -> _Connectivity | None:
-        """Record a slot's connectivity; the pool's new overall state if that changed."""
-        with self._lock:
-            slot.state = state
-            overall = _overall(s.state for route in self.routes for s in route.slots)
-            if overall is self.connectivity:
-                return None
-            self.connectivity = overall
-            return overall
+    # -- decisions (called with the lock held) --------------------------------------------
+
+    def _eject(self, route: Route, now: float, why: str) -> None:
+        assert route.accrual is not None
+        active = sum(1 for r in self.routes if not r.draining)
+        out = sum(1 for r in self.routes if not r.draining and (r.ejected_until is not None or r.probe))
+        if out + 1 > self.config.max_ejected_share * active:
+            return  # at the cap: keep the route, as Envoy does, rather than shrink the pool further
+        duration = route.accrual.ejection(now, self.rng)
+        route.ejected_until = now + duration
+        route.ejections += 1
+        route.probe = _NO_PROBE
+        self._next_expiry = min(self._next_expiry, route.ejected_until)
+        self.resolve_soon = True
+        self._refresh(now, f"{why}; ejected for {duration:.1f} s")
+
+    def _end_ejections(self, now: float) -> None:
+        self._next_expiry = math.inf
+        for route in self.routes:
+            until = route.ejected_until
+            if until is None:
+                continue
+            if until > now:
+                self._next_expiry = min(self._next_expiry, until)
+                continue
+            route.ejected_until = None
+            if any(slot.state is _READY for slot in route.slots):
+                self._open_probe(route)
+            else:
+                route.probe = _PROBE_WAITING
+        self._refresh(now, "ejection over")
+
+    def _open_probe(self, route: Route) -> None:
+        route.probe = _PROBE_OPEN
+        self._probes.append(route)
+
+    def _probe_outcome(self, route: Route, failed: bool, now: float) -> None:
+        """A call on an ejected or probing route ended. Only the probe's outcome counts:
+        calls sent before the ejection say nothing new. (A probing route takes no call
+        but the probe, so the first to end after it is sent is taken as its answer.)"""
+        assert route.accrual is not None
+        if route.probe != _PROBE_SENT:
+            return
+        if failed:
+            route.probe = _NO_PROBE
+            self._eject_after_probe(route, now)
+        else:
+            route.probe = _NO_PROBE
+            route.accrual.revived(now)
+            self._refresh(now, "probe succeeded")
+
+    def _eject_after_probe(self, route: Route, now: float) -> None:
+        assert route.accrual is not None
+        duration = route.accrual.ejection(now, self.rng)
+        route.ejected_until = now + duration
+        route.ejections += 1
+        self._next_expiry = min(self._next_expiry, route.ejected_until)
+        self._refresh(now, f"probe failed; ejected for {duration:.1f} s")
+
+    def _refresh(self, now: float, why: str) -> None:
+        """Recompute each route's status and the routes calls may go to."""
+        active = []
+        for route in self.routes:
+            status = route._status()
+            if status != route.status:
+                self.transitions.append((now, route.endpoint.address, route.status, status, why))
+                route.status = status
+            if status != DRAINING:
+                active.append(route)
+        healthy = [r for r in active if r.status == HEALTHY]
+        threshold = self.config.panic_threshold
+        if healthy and len(healthy) >= threshold * len(active):
+            rotation, self.panic = healthy, False
+        elif threshold > 0:
+            rotation = [r for r in active if not r.failing]
+            self.panic = bool(rotation)
+        else:
+            rotation, self.panic = [], False
+        if rotation != self._in_rotation:
+            self._picker.update(rotation)  # only on change: round robin's place survives
+        self._in_rotation = rotation
+        self._fallback = active
+
+    def _why_unavailable(self, now: float) -> str:
+        if not self.routes:
+            error = f" (last resolution: {self.resolver_error})" if self.resolver_error else ""
+            return f"poolkit channel to {self.target} has no endpoint{error}"
+        reasons = ", ".join(f"{r.endpoint.address} {_reason(r, now)}" for r in self.routes)
+        return f"poolkit channel to {self.target}: no endpoint available ({reasons})"
+
+    # -- views --------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot of the pool."""
@@ -179,7 +463,12 @@ class PoolState:
                 "balancer": self.config.balancer,
                 "state": "closed" if self.closed else self.connectivity.name.lower(),
                 "in_flight": self.in_flight,
+                "panic": self.panic,
                 "endpoints": [_describe_route(route, now) for route in self.routes],
+                "transitions": [
+                    {"ago_s": round(now - at, 3), "endpoint": address, "from": old, "to": new, "why": why}
+                    for at, address, old, new, why in self.transitions
+                ],
             }
 
     def __repr__(self) -> str:
@@ -190,6 +479,17 @@ class PoolState:
 def _weight_of(endpoint: Endpoint, config: PoolConfig) -> float:
     weights = config.weights
     return float(weights.get(endpoint.address, weights.get(endpoint.authority, 1.0)))
+
+
+def _reason(route: Route, now: float) -> str:
+    status = route.status
+    if status == EJECTED and route.ejected_until is not None:
+        return f"ejected for {route.ejected_until - now:.1f} s more"
+    if status == FAILING:
+        return "failing to connect"
+    if status == UNHEALTHY:
+        return "not serving"
+    return status
 
 
 _STATE_ORDER = (
@@ -211,10 +511,15 @@ def _overall(states: Any) -> _Connectivity:
 
 
 def _describe_route(route: Route, now: float) -> dict[str, Any]:
+    until = route.ejected_until
     return {
         "address": route.endpoint.address,
         "authority": route.endpoint.authority,
         "weight": route.weight,
+        "status": route.status,
+        "health": route.health,
+        "ejections": route.ejections,
+        "ejected_for_s": round(max(0.0, until - now), 3) if until is not None else None,
         "in_flight": route.metric.pending,
         "calls": route.calls,
         "errors": route.errors,

@@ -10,9 +10,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._config import PoolConfig
+from ._discovery import Discovery
 from ._errors import ConfigError
-from ._pool import PoolState, Slot
-from ._target import Endpoint, parse_target
+from ._pool import PoolState, Route, Slot
+from ._target import Endpoint
+
+# How often the discovery loop looks while routes drain or a re-resolution is wanted,
+# and at most how long it sleeps otherwise (so close() never waits long for it).
+_DRAIN_POLL = 0.1
+_IDLE_POLL = 1.0
 
 ChannelOptions = Sequence[tuple[str, Any]]
 Serializer = Callable[[Any], bytes] | None
@@ -62,19 +68,60 @@ class Pooled:
         elif not isinstance(config, PoolConfig):
             raise ConfigError("config", config, "must be a poolkit.PoolConfig")
         self._grpc_options = validated_options(options)
-        endpoints = parse_target(target)
-        name = target if isinstance(target, str) else ",".join(target)
-        self._pool = PoolState(name, endpoints, config, clock=clock, rng=rng or random.Random())
+        rng = rng or random.Random()
+        self._discovery = Discovery(target, config, rng, clock())
+        endpoints = self._discovery.first()
+        self._pool = PoolState(self._discovery.target, endpoints, config, clock=clock, rng=rng)
+        self._pool.resolver_error = self._discovery.last_error
         self._method_ids: dict[tuple[Any, ...], int] = {}
         self._lock = threading.Lock()
+
+    # -- discovery, shared by both shells -----------------------------------------------
+
+    def _open_route(self, route: Route) -> None:
+        """Open the channels of a new route and start watching it (shell-specific)."""
+        raise NotImplementedError
+
+    def _close_route(self, route: Route) -> None:
+        """Stop watching a drained route and close its channels (shell-specific)."""
+        raise NotImplementedError
+
+    def _resolution_due(self) -> bool:
+        pool = self._pool
+        return not pool.closed and self._discovery.due(pool.clock(), pool.resolve_soon)
+
+    def _apply(self, endpoints: list[Endpoint] | None) -> None:
+        """Take discovery's answer (None: keep what we have)."""
+        pool = self._pool
+        pool.resolve_soon = False
+        pool.resolver_error = self._discovery.last_error
+        if endpoints is not None and not pool.closed:
+            added = pool.new_routes(pool.unknown(endpoints))
+            for route in added:
+                self._open_route(route)
+            pool.update_endpoints(added, endpoints)
+
+    def _retire_drained(self) -> None:
+        for route in self._pool.take_drained():
+            self._close_route(route)
+
+    def _maintenance_wait(self) -> float:
+        """Seconds until discovery next has something to do."""
+        pool = self._pool
+        if pool.resolve_soon or pool.draining:
+            return _DRAIN_POLL
+        return min(self._discovery.wait(pool.clock()), _IDLE_POLL)
 
     @property
     def config(self) -> PoolConfig:
         return self._pool.config
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot: endpoints, slots, their state, calls, errors, EWMA."""
-        return self._pool.describe()
+        """A JSON-serialisable snapshot: endpoints with their status, health, ejections,
+        slots, calls, errors and EWMA; recent transitions; the resolver's record."""
+        snapshot = self._pool.describe()
+        snapshot["resolver"] = self._discovery.describe()
+        return snapshot
 
     def _method_id(self, key: tuple[Any, ...]) -> int:
         with self._lock:

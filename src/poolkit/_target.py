@@ -40,8 +40,17 @@ class Endpoint:
         return f"ipv6:{self.address}" if self.is_ipv6 else f"ipv4:{self.address}"
 
 
+Spec = tuple[str, bool]
+"""A "host:port" of a target, and whether its host may be a name to resolve."""
+
+
 def parse_target(target: str | Sequence[str]) -> list[Endpoint]:
     """The endpoints `target` names, resolved, in order, without duplicates."""
+    return resolve_specs(split_target(target), target)
+
+
+def split_target(target: str | Sequence[str]) -> list[Spec]:
+    """The addresses `target` names, unresolved; a malformed target raises `ConfigError`."""
     if isinstance(target, str):
         specs = _split_target(target)
     elif isinstance(target, Sequence) and all(isinstance(t, str) for t in target):
@@ -50,11 +59,35 @@ def parse_target(target: str | Sequence[str]) -> list[Endpoint]:
         raise ConfigError("target", target, "must be a string or a sequence of 'host:port' strings")
     if not specs:
         raise ConfigError("target", target, "names no endpoint")
+    for spec, _ in specs:
+        _split_host_port(spec, target)
+    return specs
+
+
+def names_a_host(specs: Sequence[Spec]) -> bool:
+    """Whether any address is a host name, whose IP addresses may change over time."""
+    for spec, may_resolve in specs:
+        host = _split_host_port(spec, spec)[0]
+        if may_resolve and not _is_ip(host):
+            return True
+    return False
+
+
+def resolve_specs(specs: Sequence[Spec], target: object) -> list[Endpoint]:
+    """Every IP endpoint of `specs`, in order, without duplicates (DNS lookups block)."""
     endpoints: dict[tuple[str, int], Endpoint] = {}
     for spec, may_resolve in specs:
         for endpoint in _endpoints_of(spec, may_resolve, target):
             endpoints.setdefault((endpoint.host, endpoint.port), endpoint)
     return list(endpoints.values())
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _split_target(target: str) -> list[tuple[str, bool]]:
