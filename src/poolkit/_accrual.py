@@ -40,7 +40,7 @@ class Accrual:
         self._bucket = int(now * self._per_second)
         self._ok = [0] * _BUCKETS
         self._failed = [0] * _BUCKETS
-        self._healthy_since = now
+        self._healthy_since: float | None = now
 
     def success(self, now: float) -> None:
         self.consecutive = 0
@@ -71,9 +71,12 @@ class Accrual:
         """Start an ejection now: how long it lasts. Forgets the outcomes so far, so the
         endpoint is judged afresh when it comes back."""
         policy = self.policy
-        # Each 2 × ejection_min spent healthy since the last revival takes one doubling off.
-        walked_back = int((now - self._healthy_since) / (2 * policy.ejection_min))
-        self.streak = max(0, self.streak - walked_back)
+        # Each 2 × ejection_min spent healthy since the last revival takes one doubling off
+        # (once: the time is used up here, and ejected time is not healthy time).
+        if self._healthy_since is not None:
+            walked_back = int((now - self._healthy_since) / (2 * policy.ejection_min))
+            self.streak = max(0, self.streak - walked_back)
+            self._healthy_since = None
         base = min(policy.ejection_max, policy.ejection_min * 2.0**self.streak)
         self.streak += 1
         self.consecutive = 0

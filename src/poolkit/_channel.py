@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
 import time
 import weakref
@@ -27,6 +28,8 @@ from ._target import Endpoint
 
 # How long close() waits for each background thread; they stop promptly once told.
 _JOIN_TIMEOUT = 2.0
+# grpc's connectivity poller wakes every 0.2 s: a reconnect request is acted on by then.
+_KICK_SETTLE = 0.25
 
 _OK = grpc.StatusCode.OK
 ConnectivityCallback = Callable[[grpc.ChannelConnectivity], None]
@@ -82,6 +85,7 @@ class Channel(Pooled, grpc.Channel):
         self._subscribers: dict[ConnectivityCallback, None] = {}
         self._watchers: dict[Slot, Callable[[grpc.ChannelConnectivity], None]] = {}
         self._health: dict[Route, HealthThread] = {}
+        self._kicked = -math.inf  # when a connection was last asked to reconnect
         for route in self._pool.routes:
             self._open_route(route)
         dynamic = self._discovery.dynamic
@@ -101,6 +105,9 @@ class Channel(Pooled, grpc.Channel):
             self._health[route] = HealthThread(self._pool, route, health, self._pool.rng)
 
     def _close_route(self, route: Route) -> None:
+        # grpc's connectivity poller acts on a reconnect request up to 0.2 s later and
+        # fails noisily (in its own thread) if the channel was closed meanwhile.
+        time.sleep(max(0.0, self._kicked + _KICK_SETTLE - time.monotonic()))
         checker = self._health.pop(route, None)
         if checker is not None:
             checker.stop()
@@ -229,6 +236,7 @@ class Channel(Pooled, grpc.Channel):
             with contextlib.suppress(ValueError):  # closed meanwhile
                 slot.channel.subscribe(_ignore, try_to_connect=True)
                 slot.channel.unsubscribe(_ignore)
+            self._kicked = time.monotonic()
         if overall is None:
             return
         with self._lock:

@@ -10,7 +10,7 @@ The lookup itself is the only I/O here; the shells run it off their hot paths.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from ._config import PoolConfig
 from ._errors import ConfigError
@@ -83,8 +83,10 @@ class Discovery:
         if self._resolver is None:
             return resolve_specs(self._specs, self.target)
         answer = self._resolver(self.target)
-        addresses = [] if isinstance(answer, str) else list(answer)
-        if isinstance(answer, str) or not all(isinstance(a, str) for a in addresses):
+        if isinstance(answer, str | bytes) or not isinstance(answer, Iterable):
+            raise ConfigError("resolver", answer, "must return an iterable of 'host:port' strings")
+        addresses = list(answer)
+        if not all(isinstance(a, str) for a in addresses):
             raise ConfigError("resolver", answer, "must return an iterable of 'host:port' strings")
         return resolve_specs([(address, True) for address in addresses], self.target) if addresses else []
 

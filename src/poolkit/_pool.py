@@ -322,6 +322,8 @@ class PoolState:
             present = {(r.endpoint.host, r.endpoint.port): r for r in self.routes}
             for key, route in present.items():
                 route.draining = key not in keys
+                if not route.draining and route.probe == _PROBE_OPEN and route not in self._probes:
+                    self._probes.append(route)  # its probe came due while it was draining
             self.routes.extend(r for r in added if (r.endpoint.host, r.endpoint.port) not in present)
             self._refresh(now, "resolver")
 
