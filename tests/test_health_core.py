@@ -673,7 +673,7 @@ def test_with_no_healthy_route_and_no_panic_a_call_fails_at_once_saying_why(
 
     details = unavailable_details(pool)
 
-    assert "no endpoint available" in details
+    assert "every endpoint is unavailable" in details
     assert "10.0.0.1:50051 ejected for " in details
     assert "10.0.0.2:50051 failing" in details
     assert "10.0.0.3:50051 not serving" in details

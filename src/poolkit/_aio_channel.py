@@ -280,22 +280,6 @@ class Channel(Pooled, grpc.aio.Channel):
         return super().describe()
 
 
-def _status_now(call: Any) -> grpc.StatusCode | None:
-    """The status of a finished grpc.aio call, read without suspending.
-
-    `call.code()` is a coroutine, but on a finished call it completes at its first step:
-    the status it waits for is already there. None if it would have to wait."""
-    coro = call.code()
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    except Exception:  # noqa: BLE001 - an interceptor's own exception surfaces here
-        return _UNKNOWN
-    coro.close()
-    return None
-
-
 class _MultiCallable(MultiCallableBase):
     __slots__ = ("_owner",)
 
@@ -352,8 +336,17 @@ class _MultiCallable(MultiCallableBase):
         return _Stream(call) if self._streaming else call
 
     def _end_call(self, slot: Slot, started: float | None, call: Any) -> None:
-        code = _status_now(call)
-        if code is None:  # not expected of a done call; count it failed rather than lose it
+        # The status of a finished call, read without suspending: `call.code()` is a
+        # coroutine, but on a finished call it completes at its first step.
+        status = call.code()
+        try:
+            status.send(None)
+        except StopIteration as done:
+            code = done.value
+        except Exception:  # noqa: BLE001 - an interceptor's own exception surfaces here
+            code = _UNKNOWN
+        else:  # not expected of a done call; count it failed rather than lose it
+            status.close()
             code = _UNKNOWN
         self._pool.end(slot, started, None if code is _OK else code)
 

@@ -8,10 +8,10 @@ but what grpc itself does.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import random
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -86,6 +86,7 @@ class Channel(Pooled, grpc.Channel):
         self._watchers: dict[Slot, Callable[[grpc.ChannelConnectivity], None]] = {}
         self._health: dict[Route, HealthThread] = {}
         self._kicked = -math.inf  # when a connection was last asked to reconnect
+        self._kick_lock = threading.Lock()
         for route in self._pool.routes:
             self._open_route(route)
         dynamic = self._discovery.dynamic
@@ -104,15 +105,27 @@ class Channel(Pooled, grpc.Channel):
         if health is not None:
             self._health[route] = HealthThread(self._pool, route, health, self._pool.rng)
 
+    def _reconnect(self, slot: Slot) -> None:
+        """Open a new connection for a slot whose connection went idle (server GOAWAY,
+        max connection age) now, rather than on the next call that happens to pick it."""
+        with self._kick_lock:
+            if self._pool.closed or slot not in self._watchers:
+                return
+            slot.channel.subscribe(_ignore, try_to_connect=True)
+            slot.channel.unsubscribe(_ignore)
+            self._kicked = time.monotonic()
+
     def _close_route(self, route: Route) -> None:
+        with self._kick_lock:
+            watchers = [(slot, self._watchers.pop(slot, None)) for slot in route.slots]
+            kicked = self._kicked
         # grpc's connectivity poller acts on a reconnect request up to 0.2 s later and
         # fails noisily (in its own thread) if the channel was closed meanwhile.
-        time.sleep(max(0.0, self._kicked + _KICK_SETTLE - time.monotonic()))
+        time.sleep(max(0.0, kicked + _KICK_SETTLE - time.monotonic()))
         checker = self._health.pop(route, None)
         if checker is not None:
             checker.stop()
-        for slot in route.slots:
-            watcher = self._watchers.pop(slot, None)
+        for slot, watcher in watchers:
             if watcher is not None:
                 slot.channel.unsubscribe(watcher)
             slot.channel.close()
@@ -229,14 +242,8 @@ class Channel(Pooled, grpc.Channel):
         pool = self._pool
         was = slot.state
         overall = pool.set_slot_state(slot, state)
-        idle_after_ready = state is grpc.ChannelConnectivity.IDLE and was is grpc.ChannelConnectivity.READY
-        if idle_after_ready and not pool.closed and slot in self._watchers:
-            # A connection that went idle (server GOAWAY, max connection age) is replaced
-            # now rather than on the next call that happens to pick it.
-            with contextlib.suppress(ValueError):  # closed meanwhile
-                slot.channel.subscribe(_ignore, try_to_connect=True)
-                slot.channel.unsubscribe(_ignore)
-            self._kicked = time.monotonic()
+        if state is grpc.ChannelConnectivity.IDLE and was is grpc.ChannelConnectivity.READY:
+            self._reconnect(slot)
         if overall is None:
             return
         with self._lock:

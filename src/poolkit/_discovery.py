@@ -74,7 +74,7 @@ class Discovery:
             self.last_error = f"{type(error).__name__}: {error}"
             return None
         if not endpoints:
-            self.last_error = "resolved to no address; keeping the last endpoints"
+            self.last_error = "resolved to no address"
             return None
         self.last_error = None
         return endpoints

@@ -452,7 +452,7 @@ class PoolState:
             error = f" (last resolution: {self.resolver_error})" if self.resolver_error else ""
             return f"poolkit channel to {self.target} has no endpoint{error}"
         reasons = ", ".join(f"{r.endpoint.address} {_reason(r, now)}" for r in self.routes)
-        return f"poolkit channel to {self.target}: no endpoint available ({reasons})"
+        return f"poolkit channel to {self.target}: every endpoint is unavailable ({reasons})"
 
     # -- views --------------------------------------------------------------------------
 
