@@ -1,8 +1,10 @@
-"""`poolkit demo`: the command end to end, and its load generator and display on their own."""
+"""`poolkit demo`: the command end to end, its fault schedule, and its load generator and
+display on their own."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import io
 import re
@@ -13,10 +15,12 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import pytest
+from _support import wait_until
 
-from poolkit import PoolUnavailableError, _demo
-from poolkit.__main__ import main
-from poolkit.testing import StatsResponse
+import poolkit
+from poolkit import PoolUnavailableError, _demo, _load
+from poolkit.__main__ import build_parser, main
+from poolkit.testing import EchoRequest, EchoStub, StatsResponse
 
 
 def _run_demo(*args: str) -> subprocess.CompletedProcess[str]:
@@ -39,8 +43,11 @@ def _number(pattern: str, text: str) -> int:
 @pytest.mark.parametrize(
     ("flags", "header"),
     [
-        (("--concurrency", "4"), "pooled: 4 threads share one poolkit channel for 2 s"),
-        (("--aio", "--concurrency", "8"), "pooled (asyncio): 8 tasks share one poolkit.aio channel for 2 s"),
+        (("--no-fault", "--concurrency", "4"), "pooled: 4 threads share one poolkit channel for 2 s"),
+        (
+            ("--no-fault", "--aio", "--concurrency", "8"),
+            "pooled (asyncio): 8 tasks share one poolkit.aio channel for 2 s",
+        ),
     ],
     ids=["threads", "asyncio"],
 )
@@ -84,6 +91,115 @@ def test_demo_spreads_calls_over_four_connections_and_contrasts_fresh_channels(
     assert f"pooled: 4 connections for {calls:,} calls; fresh-per-request:" in contrast
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [(), ("--aio",)], ids=["threads", "asyncio"])
+def test_demo_kills_a_server_a_third_of_the_way_and_restarts_it_at_two_thirds(flags: tuple[str, ...]) -> None:
+    finished = _run_demo("--duration", "3", "--concurrency", "4", *flags)
+    out = finished.stdout
+    assert finished.returncode == 0, f"exit {finished.returncode}\n{out}\n{finished.stderr}"
+    servers = re.findall(r"^  (127\.0\.0\.1:\d+)  pid (\d+)$", out, re.MULTILINE)
+    assert len(servers) == 4, out
+    victim, first_pid = servers[0]
+    assert f"  fault: {victim} is killed at 1.0 s and restarted on the same port at 2.0 s" in out
+
+    # Both events show among the progress lines, each with the process it concerns.
+    killed = re.search(rf"^\s+[\d.]+ s killed {re.escape(victim)} \(SIGKILL to pid (\d+)\)$", out, re.MULTILINE)
+    restarted = re.search(
+        rf"^\s+[\d.]+ s restarted {re.escape(victim)} on the same port \(pid (\d+)\)$", out, re.MULTILINE
+    )
+    assert killed, out
+    assert restarted, out
+    assert killed.group(1) == first_pid != restarted.group(1)
+
+    fault = out[out.index(f"fault: {victim} killed at") : out.index("fresh-per-request:")]
+    assert re.search(r"^  calls by phase\s+before\s+while down\s+after restart$", fault, re.MULTILINE), fault
+    rows = dict(re.findall(r"^  (127\.0\.0\.1:\d+(?: \*)?)\s+(\d.*)$", fault, re.MULTILINE))
+    assert sorted(rows) == sorted([f"{victim} *", *(address for address, _ in servers[1:])]), fault
+    for address, _ in servers[1:]:  # the servers left up carry the load before and while one is down
+        before, down = _cells(rows[address])[:2]  # a slow restart may leave no time after it
+        assert _count(before) > 0, fault
+        assert _count(down) > 0, fault
+    assert _count(_cells(rows[f"{victim} *"])[0]) > 0
+    failed = _cells(_row("failed calls", fault))
+    assert len(failed) == 3
+    assert failed[0] == "0"  # nothing fails while every server is up
+    assert _count(_cells(_row("killed server saw", fault))[0]) > 0
+    assert re.search(rf"^  {re.escape(victim)} as the channel saw it: status \S+, health \S+", fault, re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_the_pool_sends_calls_to_a_killed_server_again_once_it_is_restarted() -> None:
+    notes: list[str] = []
+    with (
+        _demo.LocalServers.start(2) as servers,
+        poolkit.insecure_channel(servers.target, options=_demo.RECONNECT_OPTIONS) as channel,
+    ):
+        unary = EchoStub(channel).Unary
+        schedule = _demo.FaultSchedule(servers, channel.describe, notes.append, duration=0.0)  # both due at once
+        load = _load.Load(
+            lambda _worker: lambda: unary(EchoRequest(), timeout=_load.CALL_TIMEOUT),
+            concurrency=4,
+            duration=120,
+            max_calls=10**9,
+        )
+        try:
+            wait_until(lambda: load.snapshot().calls > 100, "calls to flow")
+            schedule.tick(load)  # the kill
+            wait_until(
+                lambda: channel.describe()["endpoints"][0]["slots"][0]["state"] != "ready",
+                "the channel to see the killed server's connection fail",
+            )
+            schedule.tick(load)  # the restart
+            wait_until(
+                lambda: _served(servers, 0) > 0,
+                lambda: f"the restarted server to be called again: {channel.describe()}",
+                limit=30,  # an ejection lasts at most 6 s by default; then a probe brings it back
+            )
+        finally:
+            load.stop()
+        report = schedule.finish(load)
+
+    victim = servers.addresses[0]
+    assert [mark.phase for mark in report.marks] == ["start", "before", "down", "after"]
+    assert report.victim == victim
+    assert report.errors_before == 0
+    assert report.error is None
+    assert report.killed_at is not None
+    assert report.restarted_at is not None
+    after = report.marks[-1].stats[0]
+    assert after is not None
+    assert after.calls > 0
+    assert [note.split(" s ", 1)[1].split(" (")[0] for note in notes] == [
+        f"killed {victim}",
+        f"restarted {victim} on the same port",
+    ]
+    lines = list(_demo.fault_summary(report))
+    assert f"  the killed server served {after.calls:,} calls after its restart" in lines
+    totals = report.server_totals()
+    assert [total.server_id for total in totals] == servers.addresses
+    assert totals[0].calls == sum(mark.stats[0].calls for mark in report.marks[1:] if mark.stats[0] is not None)
+
+
+def _served(servers: _demo.LocalServers, index: int) -> int:
+    stat = servers.stats()[index]
+    return 0 if stat is None else int(stat.calls)
+
+
+def _row(name: str, text: str) -> str:
+    match = re.search(rf"^  {re.escape(name)}\s+(.*)$", text, re.MULTILINE)
+    assert match, f"no {name!r} row in:\n{text}"
+    return match.group(1)
+
+
+def _cells(row: str) -> list[str]:
+    """A phase table row's cells: "12 (5 failed)" is one cell."""
+    return re.findall(r"[\d,]+ \([\d,]+ failed\)|\S+", row)
+
+
+def _count(cell: str) -> int:
+    return int(cell.split(" ", maxsplit=1)[0].replace(",", ""))
+
+
 def test_bad_flags_are_refused() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--concurrency", "0"])
@@ -91,6 +207,12 @@ def test_bad_flags_are_refused() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
+
+
+def test_no_fault_turns_the_fault_off() -> None:
+    assert build_parser().parse_args(["demo"]).fault is True
+    assert build_parser().parse_args(["demo", "--no-fault"]).fault is False
+    assert _demo.DemoOptions().fault is True
 
 
 # -- the load generator, threads and asyncio tasks alike ---------------------------------
@@ -102,16 +224,16 @@ CallBody = Callable[[int], None]
 class StartLoad(Protocol):
     def __call__(
         self, body: CallBody, *, pause: float = 0.0, concurrency: int, duration: float, max_calls: int
-    ) -> _demo.BaseLoad:
+    ) -> _load.BaseLoad:
         """A running load whose every call runs `body`, then takes `pause` seconds more."""
 
 
 def _start_thread_load(
     body: CallBody, *, pause: float = 0.0, concurrency: int, duration: float, max_calls: int
-) -> _demo.BaseLoad:
+) -> _load.BaseLoad:
     never = threading.Event()
 
-    def make_call(worker: int) -> _demo.Call:
+    def make_call(worker: int) -> _load.Call:
         def call() -> None:
             body(worker)
             if pause:
@@ -119,26 +241,26 @@ def _start_thread_load(
 
         return call
 
-    return _demo.Load(make_call, concurrency=concurrency, duration=duration, max_calls=max_calls)
+    return _load.Load(make_call, concurrency=concurrency, duration=duration, max_calls=max_calls)
 
 
 def _start_async_load(
-    loop: _demo.EventLoopThread,
+    loop: _load.EventLoopThread,
     body: CallBody,
     *,
     pause: float = 0.0,
     concurrency: int,
     duration: float,
     max_calls: int,
-) -> _demo.BaseLoad:
-    def make_call(worker: int) -> _demo.AsyncCall:
+) -> _load.BaseLoad:
+    def make_call(worker: int) -> _load.AsyncCall:
         async def call() -> None:
             body(worker)
             await asyncio.sleep(pause)
 
         return call
 
-    return _demo.AsyncLoad(make_call, loop=loop.loop, concurrency=concurrency, duration=duration, max_calls=max_calls)
+    return _load.AsyncLoad(make_call, loop=loop.loop, concurrency=concurrency, duration=duration, max_calls=max_calls)
 
 
 @pytest.fixture(params=["threads", "asyncio"])
@@ -146,7 +268,7 @@ def start_load(request: pytest.FixtureRequest) -> Iterator[StartLoad]:
     if request.param == "threads":
         yield _start_thread_load
         return
-    with _demo.EventLoopThread() as loop:
+    with _load.EventLoopThread() as loop:
         yield functools.partial(_start_async_load, loop)
 
 
@@ -201,7 +323,7 @@ def test_async_load_runs_its_tasks_together_on_one_loop_thread() -> None:
     in_flight = peak = 0
     threads: set[str] = set()
 
-    def make_call(_worker: int) -> _demo.AsyncCall:
+    def make_call(_worker: int) -> _load.AsyncCall:
         async def call() -> None:
             nonlocal in_flight, peak
             threads.add(threading.current_thread().name)
@@ -212,8 +334,8 @@ def test_async_load_runs_its_tasks_together_on_one_loop_thread() -> None:
 
         return call
 
-    with _demo.EventLoopThread() as loop:
-        load = _demo.AsyncLoad(make_call, loop=loop.loop, concurrency=4, duration=60, max_calls=40)
+    with _load.EventLoopThread() as loop:
+        load = _load.AsyncLoad(make_call, loop=loop.loop, concurrency=4, duration=60, max_calls=40)
         assert load.wait(10)
     assert load.result().calls == 40
     assert peak == 4
@@ -221,13 +343,13 @@ def test_async_load_runs_its_tasks_together_on_one_loop_thread() -> None:
 
 
 def test_percentiles_are_nearest_rank() -> None:
-    result = _demo.LoadResult(
+    result = _load.LoadResult(
         calls=100, errors=0, elapsed=1.0, latencies=[i / 1000 for i in range(1, 101)], first_error=None
     )
     assert result.percentile(0.50) == 0.050
     assert result.percentile(0.99) == 0.099
     assert result.rate == 100
-    empty = _demo.LoadResult(calls=0, errors=0, elapsed=0.0, latencies=[], first_error=None)
+    empty = _load.LoadResult(calls=0, errors=0, elapsed=0.0, latencies=[], first_error=None)
     assert empty.percentile(0.5) is None
     assert empty.rate == 0
 
@@ -260,7 +382,7 @@ def test_progress_prints_plain_lines_at_most_once_a_second() -> None:
 
 def test_contrast_table_lines_up() -> None:
     def phase(calls: int, connections: int) -> _demo.PhaseResult:
-        load = _demo.LoadResult(calls=calls, errors=0, elapsed=2.0, latencies=[0.001, 0.002], first_error=None)
+        load = _load.LoadResult(calls=calls, errors=0, elapsed=2.0, latencies=[0.001, 0.002], first_error=None)
         stats = [
             StatsResponse(
                 server_id="echo-0", calls=calls, peers=[f"ipv4:127.0.0.1:{40000 + i}" for i in range(connections)]
@@ -272,3 +394,80 @@ def test_contrast_table_lines_up() -> None:
     assert lines[0].startswith("contrast:")
     assert len({len(line) for line in lines[1:]}) == 1, "\n".join(lines)
     assert "  connections per call  0.000033               1.00" in lines
+
+
+def test_a_note_gets_a_line_of_its_own_between_progress_lines() -> None:
+    out = _Terminal()
+    display = _demo.ProgressDisplay(out, interactive=True, width=40)
+    display.show("progress 1", 0.0)
+    display.note("  1.0 s killed 127.0.0.1:1")
+    display.show("progress 2", 0.25)
+    assert out.getvalue() == "\rprogress 1\x1b[K\r  1.0 s killed 127.0.0.1:1\x1b[K\n\rprogress 2\x1b[K"
+    plain = io.StringIO()
+    _demo.ProgressDisplay(plain, interactive=False).note("  1.0 s killed 127.0.0.1:1")
+    assert plain.getvalue() == "  1.0 s killed 127.0.0.1:1\n"
+
+
+VICTIM, OTHER = "127.0.0.1:1001", "127.0.0.1:1002"
+
+
+def _mark(
+    phase: str, at: float, load: tuple[int, int], endpoints: dict[str, tuple[int, int]], **described: object
+) -> _demo.Mark:
+    """A mark whose channel made `endpoints[address]` = (calls, errors) so far."""
+    rows = [{"address": address, "calls": calls, "errors": errors} for address, (calls, errors) in endpoints.items()]
+    stats = [StatsResponse(server_id=address, calls=calls) for address, (calls, _) in endpoints.items()]
+    snapshot = _load.LoadSnapshot(at, *load)
+    return _demo.Mark(phase, at, snapshot, {"endpoints": rows, **described}, list(stats), described_at=at + 0.5)
+
+
+def _report(**final: object) -> _demo.FaultReport:
+    marks = [
+        _mark("start", 0.0, (0, 0), {VICTIM: (0, 0), OTHER: (0, 0)}),
+        _mark("before", 3.0, (200, 0), {VICTIM: (100, 0), OTHER: (100, 0)}),
+        _mark("down", 6.0, (405, 3), {VICTIM: (105, 3), OTHER: (300, 0)}),
+        _mark("after", 9.0, (545, 3), {VICTIM: (145, 3), OTHER: (400, 0)}, **final),
+    ]
+    down = marks[2]
+    marks[2] = dataclasses.replace(down, stats=[None, down.stats[1]])
+    return _demo.FaultReport(VICTIM, [VICTIM, OTHER], marks, 3.0, 6.0, None)
+
+
+def test_fault_summary_reads_a_channel_without_endpoint_health() -> None:
+    report = _report()
+    lines = list(_demo.fault_summary(report))
+    assert lines[0] == f"fault: {VICTIM} killed at 3.0 s, restarted on the same port at 6.0 s"
+    table = lines[1 : lines.index("") - 2]
+    assert len({len(line) for line in table}) == 1, "\n".join(lines)
+    assert table[0].split() == ["calls", "by", "phase", "before", "while", "down", "after", "restart"]
+    assert table[1].split() == ["seconds", "0.0-3.0", "3.0-6.0", "6.0-9.0"]
+    assert table[2].split() == [VICTIM, "*", "100", "5", "(3", "failed)", "40"]
+    assert table[3].split() == [OTHER, "100", "200", "100"]
+    assert table[5].split() == ["all", "calls", "200", "205", "140"]
+    assert table[6].split() == ["failed", "calls", "0", "3", "0"]
+    assert table[7].split() == ["killed", "server", "saw", "100", "down", "145"]
+    assert "  the killed server served 145 calls after its restart" in lines
+    assert lines[-2:] == [
+        f"  {VICTIM} as the channel saw it: status -, health -, ejected -",
+        "    (this channel reports no status changes)",
+    ]
+    assert report.errors_before == 0
+    assert [(total.calls, list(total.peers)) for total in report.server_totals()] == [(245, []), (800, [])]
+
+
+def test_fault_summary_shows_the_killed_servers_status_changes_in_run_time() -> None:
+    report = _report(
+        transitions=[
+            {"ago_s": 6.0, "endpoint": VICTIM, "from": "healthy", "to": "ejected", "why": "5 consecutive failures"},
+            {"ago_s": 5.5, "endpoint": OTHER, "from": "healthy", "to": "draining", "why": "not this one"},
+            {"ago_s": 1.5, "endpoint": VICTIM, "from": "ejected", "to": "probing", "why": "ejection over"},
+        ]
+    )
+    endpoints = report.marks[-1].described["endpoints"]
+    endpoints[0].update(status="healthy", health="serving", ejections=1)
+    lines = list(_demo.fault_summary(report))
+    assert lines[-3:] == [
+        f"  {VICTIM} as the channel saw it: status healthy, health serving, ejected 1 time",
+        "      3.5 s  healthy -> ejected  (5 consecutive failures)",
+        "      8.0 s  ejected -> probing  (ejection over)",
+    ]

@@ -1152,3 +1152,20 @@ def test_a_host_name_without_a_resolve_interval_is_resolved_once() -> None:
 
     assert not discovery.dynamic
     assert not discovery.due(1e9, soon=True)
+
+
+def test_an_ejected_route_whose_health_check_turns_serving_is_probed_at_once(
+    clock: FakeClock, rng: random.Random
+) -> None:
+    pool = new_pool(clock, rng)
+    all_ready(pool)
+    bad = pool.routes[0]
+    pool.set_health(bad, "unknown")  # its health stream broke when it went down
+    eject(pool, bad)
+    assert bad.status == "ejected"
+    pool.set_health(bad, "serving")  # back up: the Watch answers again
+    assert bad.status == "probing"
+    probe = pool.begin()
+    assert probe.route is bad
+    pool.end(probe, None, None)
+    assert bad.status == "healthy"

@@ -1,50 +1,46 @@
-"""`poolkit demo`: one poolkit channel against local echo servers, then the same calls
-made the naive way, a fresh grpc channel per request, for contrast.
+"""`poolkit demo`: one poolkit channel against local echo servers, one of which is killed
+a third of the way through and restarted at two thirds, then the same calls made the
+naive way, a fresh grpc channel per request, for contrast.
 
-The pieces are kept apart so a run can be recombined: `Load` (threads, sync calls) and
-`AsyncLoad` (asyncio tasks, on an `EventLoopThread`) drive calls and count them the same
-way, `ProgressDisplay` shows a running load, the `*_summary` functions turn finished runs
-into tables, and `run_demo` strings them together. Everything talks to loopback servers
-this process starts and stops itself.
+The pieces are kept apart so a run can be recombined: `_load` drives calls and counts
+them (threads or asyncio tasks), `LocalServers` owns the servers, `FaultSchedule` kills
+and restarts one of them and records the run at each step, `ProgressDisplay` shows a
+running load, the `*_summary` functions turn finished runs into tables, and `run_demo`
+strings them together. Everything talks to loopback servers this process starts and
+stops itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import itertools
 import math
 import shutil
 import sys
-import threading
 import time
-from array import array
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Self, TextIO, TypeVar
+from typing import Any, Self, TextIO
 
 import grpc
 
 from ._aio_channel import Channel as AioChannel
 from ._aio_channel import insecure_channel as aio_insecure_channel
 from ._channel import insecure_channel
+from ._load import (
+    CALL_TIMEOUT,
+    AsyncCall,
+    AsyncLoad,
+    BaseLoad,
+    Call,
+    EventLoopThread,
+    Load,
+    LoadResult,
+    LoadSnapshot,
+)
 from ._shell import Pooled
 from .testing import EchoRequest, EchoStub, SpawnedEchoServers, StatsResponse, spawn_echo_servers
-
-Call = Callable[[], object]
-"""One request, made synchronously; raises `grpc.RpcError` when the call fails."""
-
-CallFactory = Callable[[int], Call]
-"""Given a worker's index, the call that worker makes over and over."""
-
-AsyncCall = Callable[[], Awaitable[object]]
-"""One request, made on an event loop; awaiting it raises `grpc.RpcError` when the call fails."""
-
-AsyncCallFactory = Callable[[int], AsyncCall]
-"""Given a task's index, the call that task makes over and over."""
-
-T = TypeVar("T")
 
 MAX_CALLS = 1_000_000
 """Upper bound on the pooled run whatever the duration: a Python client manages a few
@@ -57,18 +53,23 @@ FRESH_MAX_SECONDS = 5.0
 client port in TIME_WAIT for 60 s; 500 is plenty to show the cost and a small dent in
 the ~28,000 ports of Linux's default ephemeral range."""
 
-CALL_TIMEOUT = 10.0
-"""Deadline of every demo call, so a stuck server cannot hold a worker past its run."""
-
 TICK = 0.25
 """How often the display is refreshed on a terminal (about 4 times a second)."""
 
 PLAIN_INTERVAL = 1.0
 """How often a progress line is printed when output is not a terminal (a log, a pipe)."""
 
-LOOP_TIMEOUT = 5.0
-"""How long the main thread waits for the asyncio run's event loop to start, to open or
-close the channel, or to stop: each takes milliseconds, so a loop still busy is stuck."""
+KILL_AT = 1 / 3
+RESTART_AT = 2 / 3
+"""Shares of the pooled run's duration at which one server is killed and restarted: a
+third of the run each with every server up, with one down, and after its restart."""
+
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500))
+"""grpc options of the pooled channel. After losing a server grpc waits 1 s before it
+reconnects, then 1.6 times longer after each failed try, up to 120 s: a server restarted
+a few seconds into a ten-second run could stay unvisited to its end. These servers are on
+loopback and restart in well under a second, so the demo retries every 0.1 s, backing
+off to 0.5 s. A service would pick these from how fast its own servers come back."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +82,7 @@ class DemoOptions:
     payload: int = 64
     max_calls: int = MAX_CALLS
     aio: bool = False  # the pooled run on poolkit.aio, from asyncio tasks instead of threads
+    fault: bool = True  # kill one server during the pooled run and restart it
 
 
 # -- command line -------------------------------------------------------------------------
@@ -129,6 +131,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="make the pooled run's calls through poolkit.aio, from asyncio tasks on one event loop",
     )
+    parser.add_argument(
+        "--no-fault",
+        dest="fault",
+        action="store_false",
+        help="keep every server up (by default the first is killed a third of the way through the pooled run "
+        "and restarted on the same port at two thirds)",
+    )
 
 
 def _number_in(kind: Callable[[str], float], low: float, high: float) -> Callable[[str], Any]:
@@ -145,8 +154,8 @@ def _number_in(kind: Callable[[str], float], low: float, high: float) -> Callabl
 
 
 def command(args: argparse.Namespace) -> int:
-    """Run the demo with parsed flags: 0 if every pooled call succeeded, 1 if some failed,
-    130 if interrupted."""
+    """Run the demo with parsed flags: 0 if the pooled run went as it should, 1 if not (see
+    `run_demo`), 130 if interrupted."""
     options = DemoOptions(
         duration=args.duration,
         concurrency=args.concurrency,
@@ -154,6 +163,7 @@ def command(args: argparse.Namespace) -> int:
         payload=args.payload,
         max_calls=args.max_calls,
         aio=args.aio,
+        fault=args.fault,
     )
     try:
         return run_demo(options, sys.stdout)
@@ -166,24 +176,25 @@ def command(args: argparse.Namespace) -> int:
 
 
 def run_demo(options: DemoOptions, out: TextIO) -> int:
-    """Start servers, run the pooled load and the fresh-per-request load, print both,
-    stop the servers. 0 if the pooled run had no errors, 1 if it had, 2 if the servers
-    would not start."""
+    """Start servers, run the pooled load (killing and restarting a server on the way
+    unless told not to) and the fresh-per-request load, print both, stop the servers.
+
+    0 if no pooled call failed that the fault does not explain, 1 if one did: with the
+    fault, calls may fail once a server is killed, but not before, and the server must
+    restart. 2 if the servers would not start."""
     say = _printer(out)
     try:
-        servers = spawn_echo_servers(options.endpoints, host="127.0.0.1")
-    except RuntimeError as error:
+        servers = LocalServers.start(options.endpoints)
+    except (RuntimeError, OSError) as error:
         print(f"poolkit demo: cannot start the echo servers: {error}", file=sys.stderr)
         return 2
-    try:
-        say(f"echo servers: {len(servers.addresses)} in child process {servers.pid}, on loopback")
-        for address in servers.addresses:
-            say(f"  {address}")
+    with servers:
+        say(f"echo servers: {len(servers)} on loopback, each in a child process of its own")
+        for address, pid in zip(servers.addresses, servers.pids, strict=True):
+            say(f"  {address}  pid {pid}")
         servers.stats(reset=True)
         pooled = (run_pooled_aio if options.aio else run_pooled)(servers, options, out)
         fresh = run_fresh(servers, options, out)
-    finally:
-        servers.stop()
     say("")
     for line in contrast_summary(pooled, fresh):
         say(line)
@@ -192,13 +203,16 @@ def run_demo(options: DemoOptions, out: TextIO) -> int:
         f"pooled: {pooled.connections:,} connections for {pooled.load.calls:,} calls; "
         f"fresh-per-request: {fresh.connections:,} connections for {fresh.load.calls:,} calls"
     )
-    return 1 if pooled.load.errors else 0
+    if pooled.fault is None:
+        return 1 if pooled.load.errors else 0
+    return 1 if pooled.fault.errors_before or pooled.fault.error else 0
 
 
 @dataclass(frozen=True)
 class PhaseResult:
     load: LoadResult
     stats: list[StatsResponse]  # what each server saw during the phase, in address order
+    fault: FaultReport | None = None  # the pooled run's server kill and restart, if there was one
 
     @property
     def connections(self) -> int:
@@ -206,10 +220,10 @@ class PhaseResult:
         return sum(len(stat.peers) for stat in self.stats)
 
 
-def run_pooled(servers: SpawnedEchoServers, options: DemoOptions, out: TextIO) -> PhaseResult:
+def run_pooled(servers: LocalServers, options: DemoOptions, out: TextIO) -> PhaseResult:
     """The main act: every thread calls through one poolkit channel."""
     request = EchoRequest(payload=b"x" * options.payload)
-    with insecure_channel(servers.target) as channel:
+    with insecure_channel(servers.target, options=RECONNECT_OPTIONS) as channel:
         unary = EchoStub(channel).Unary
 
         def pooled_call(_worker: int) -> Call:
@@ -221,15 +235,15 @@ def run_pooled(servers: SpawnedEchoServers, options: DemoOptions, out: TextIO) -
             )
 
         title = f"pooled: {options.concurrency} threads share one poolkit channel"
-        result, described = _drive_pooled(channel, title, start, options, out)
-    return _pooled_phase(servers, result, described, out)
+        result, described, fault = _drive_pooled(channel, title, start, servers, options, out)
+    return _pooled_phase(servers, result, described, fault, out)
 
 
-def run_pooled_aio(servers: SpawnedEchoServers, options: DemoOptions, out: TextIO) -> PhaseResult:
+def run_pooled_aio(servers: LocalServers, options: DemoOptions, out: TextIO) -> PhaseResult:
     """The main act on asyncio: tasks on one event loop call through one poolkit.aio channel.
-    The channel belongs to that loop, so it is opened and closed there. The display reads
-    it from this thread: `describe()` takes the pool's lock and asks grpc for each
-    connection's state, and neither needs the loop."""
+    The channel belongs to that loop, so it is opened and closed there. The display and
+    the fault schedule read it from this thread: `describe()` takes the pool's lock and
+    asks grpc for each connection's state, and neither needs the loop."""
     request = EchoRequest(payload=b"x" * options.payload)
     with EventLoopThread() as loop:
         channel = loop.run(_open_aio_channel(servers.target))
@@ -249,47 +263,67 @@ def run_pooled_aio(servers: SpawnedEchoServers, options: DemoOptions, out: TextI
                 )
 
             title = f"pooled (asyncio): {options.concurrency} tasks share one poolkit.aio channel"
-            result, described = _drive_pooled(channel, title, start, options, out)
+            result, described, fault = _drive_pooled(channel, title, start, servers, options, out)
         finally:
             loop.run(channel.close())
-    return _pooled_phase(servers, result, described, out)
+    return _pooled_phase(servers, result, described, fault, out)
 
 
 async def _open_aio_channel(target: str) -> AioChannel:
     """A poolkit.aio channel, made on the loop that will run its calls (a coroutine so that
     it runs there)."""
-    return aio_insecure_channel(target)
+    return aio_insecure_channel(target, options=RECONNECT_OPTIONS)
 
 
 def _drive_pooled(
-    channel: Pooled, title: str, start: Callable[[], BaseLoad], options: DemoOptions, out: TextIO
-) -> tuple[LoadResult, dict[str, Any]]:
-    """Announce the pooled run, start it and show its progress until it ends: its figures,
-    and the channel's account of where the calls went."""
+    channel: Pooled,
+    title: str,
+    start: Callable[[], BaseLoad],
+    servers: LocalServers,
+    options: DemoOptions,
+    out: TextIO,
+) -> tuple[LoadResult, dict[str, Any], FaultReport | None]:
+    """Announce the pooled run, start it, kill and restart a server on schedule, and show
+    its progress until it ends: its figures, the channel's account of where the calls
+    went, and the fault's."""
     say = _printer(out)
     config = channel.config
     connections = _plural(config.connections_per_endpoint, "connection")
     say("")
     say(f"{title} for {options.duration:g} s")
     say(f"  {config.balancer} balancer, {connections} per endpoint, {options.payload}-byte payloads")
+    display = ProgressDisplay.for_stream(out)
+    schedule = FaultSchedule(servers, channel.describe, display.note, options.duration) if options.fault else None
+    if schedule is not None:
+        say(f"  {schedule.plan()}")
     load = start()
-    watch(load, ProgressDisplay.for_stream(out), lambda: endpoint_shares(channel.describe()))
-    return load.result(), channel.describe()
+    watch(load, display, lambda: endpoint_shares(channel.describe()), schedule.tick if schedule else None)
+    fault = schedule.finish(load) if schedule else None
+    return load.result(), channel.describe(), fault
 
 
 def _pooled_phase(
-    servers: SpawnedEchoServers, result: LoadResult, described: dict[str, Any], out: TextIO
+    servers: LocalServers,
+    result: LoadResult,
+    described: dict[str, Any],
+    fault: FaultReport | None,
+    out: TextIO,
 ) -> PhaseResult:
     """The finished pooled run, with what the servers saw of it, summarised on `out`."""
     say = _printer(out)
-    phase = PhaseResult(result, servers.stats(reset=True))
+    stats = fault.server_totals() if fault else _known(servers.addresses, servers.stats(reset=True))
+    phase = PhaseResult(result, stats, fault)
     say("")
     for line in pooled_summary(phase, described, servers.addresses):
         say(line)
+    if fault is not None:
+        say("")
+        for line in fault_summary(fault):
+            say(line)
     return phase
 
 
-def run_fresh(servers: SpawnedEchoServers, options: DemoOptions, out: TextIO) -> PhaseResult:
+def run_fresh(servers: LocalServers, options: DemoOptions, out: TextIO) -> PhaseResult:
     """The contrast: the same calls, each on a grpc channel opened for it and closed after."""
     say = _printer(out)
     request = EchoRequest(payload=b"x" * options.payload)
@@ -316,7 +350,7 @@ def run_fresh(servers: SpawnedEchoServers, options: DemoOptions, out: TextIO) ->
     say(f"  at most {max_calls:,} calls or {duration:g} s, {options.payload}-byte payloads")
     load = Load(fresh_call, concurrency=options.concurrency, duration=duration, max_calls=max_calls)
     watch(load, ProgressDisplay.for_stream(out), None)
-    return PhaseResult(load.result(), servers.stats(reset=True))
+    return PhaseResult(load.result(), _known(addresses, servers.stats(reset=True)))
 
 
 def _printer(out: TextIO) -> Callable[[str], None]:
@@ -326,257 +360,207 @@ def _printer(out: TextIO) -> Callable[[str], None]:
     return say
 
 
-# -- load generation ----------------------------------------------------------------------
+# -- the servers and the fault ------------------------------------------------------------
 
 
-class _Tally:
-    """One worker's share of the calls and its counts. Only its worker writes the counts;
-    readers see a recent value."""
+class LocalServers:
+    """The demo's echo servers, each in a child process of its own so that one can be
+    killed, and restarted, alone. A context manager that stops them all."""
 
-    __slots__ = ("calls", "errors", "first_error", "latencies", "quota")
+    def __init__(self, groups: Sequence[SpawnedEchoServers]) -> None:
+        self._groups = list(groups)  # one server each
 
-    def __init__(self, quota: int) -> None:
-        self.quota = quota  # calls this worker may make at most
-        self.calls = 0
-        self.errors = 0
-        self.first_error: str | None = None
-        self.latencies = array("d")  # seconds, successful calls only
+    @classmethod
+    def start(cls, count: int) -> LocalServers:
+        """Start `count` servers on loopback, side by side: each child takes a moment to
+        import grpc. If one fails to start, the others are stopped."""
+        with futures.ThreadPoolExecutor(count) as pool:
+            starting = [pool.submit(spawn_echo_servers, 1, "127.0.0.1") for _ in range(count)]
+            try:
+                return cls([start.result() for start in starting])
+            except BaseException:
+                pool.shutdown()  # every start has ended, so each server that did start is stopped
+                cls([start.result() for start in starting if start.exception() is None]).stop()
+                raise
 
-    def record(self, started: float, error: grpc.RpcError | None) -> None:
-        """Count a call that began at `started` (`time.monotonic`) and has just ended: its
-        latency if it succeeded, else its error."""
-        if error is None:
-            self.latencies.append(time.monotonic() - started)
-        else:
-            self.errors += 1
-            if self.first_error is None:
-                self.first_error = _describe_error(error)
-        self.calls += 1
-
-
-@dataclass(frozen=True)
-class LoadSnapshot:
-    elapsed: float
-    calls: int
-    errors: int
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    calls: int
-    errors: int
-    elapsed: float
-    latencies: Sequence[float]  # successful calls, sorted, seconds
-    first_error: str | None
+    def __len__(self) -> int:
+        return len(self._groups)
 
     @property
-    def rate(self) -> float:
-        return self.calls / self.elapsed if self.elapsed > 0 else 0.0
-
-    def percentile(self, fraction: float) -> float | None:
-        """Nearest-rank percentile of successful calls' latency, None if none succeeded."""
-        if not self.latencies:
-            return None
-        rank = max(1, math.ceil(fraction * len(self.latencies)))
-        return self.latencies[rank - 1]
-
-
-class BaseLoad:
-    """`concurrency` workers, each making its call back to back until `duration` seconds
-    have passed or `max_calls` calls (over all workers) have been made, whichever is first.
-
-    `Load` runs the workers as threads and `AsyncLoad` as asyncio tasks; what they share
-    is here: when each call may start, counting it, and waiting, stopping and reporting.
-    Each worker owns its counters, so the call path takes no lock; the calls are split
-    evenly between workers up front for the same reason.
-    """
-
-    def __init__(self, *, concurrency: int, duration: float, max_calls: int) -> None:
-        self.duration = duration
-        self._stop = threading.Event()
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._running = concurrency
-        self._crash: BaseException | None = None
-        self._tallies = [
-            _Tally(max_calls // concurrency + (1 if i < max_calls % concurrency else 0)) for i in range(concurrency)
-        ]
-        self._started = time.monotonic()
-        self._ended: float | None = None
-        self._deadline = self._started + duration
-
-    def _turns(self, tally: _Tally) -> Iterator[float]:
-        """When each of a worker's calls starts, while it has quota left, the deadline has
-        not passed and nobody asked the load to stop."""
-        clock = time.monotonic
-        deadline = self._deadline
-        stop = self._stop
-        for _ in range(tally.quota):
-            started = clock()
-            if started >= deadline or stop.is_set():
-                return
-            yield started
-
-    @contextlib.contextmanager
-    def _worker(self) -> Iterator[None]:
-        """Around one worker's whole run: a crash stops the others and is kept for
-        `result()`; the last worker to end marks the load over."""
-        try:
-            yield
-        except BaseException as error:  # noqa: BLE001 - handed to the main thread by result()
-            self._crash = error
-            self._stop.set()
-        finally:
-            with self._lock:
-                self._running -= 1
-                if self._running == 0:
-                    self._ended = time.monotonic()
-                    self._done.set()
-
-    def wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for every worker to finish; True if they have."""
-        return self._done.wait(timeout)
-
-    def stop(self, timeout: float = CALL_TIMEOUT + 1) -> None:
-        """Ask the workers to stop after their current call and wait up to `timeout`."""
-        self._stop.set()
-        self._done.wait(timeout)
+    def addresses(self) -> list[str]:
+        return [group.addresses[0] for group in self._groups]
 
     @property
-    def elapsed(self) -> float:
-        return (self._ended or time.monotonic()) - self._started
+    def pids(self) -> list[int]:
+        return [group.pid for group in self._groups]
 
-    def snapshot(self) -> LoadSnapshot:
-        tallies = self._tallies
-        return LoadSnapshot(self.elapsed, sum(t.calls for t in tallies), sum(t.errors for t in tallies))
+    @property
+    def target(self) -> str:
+        return "ipv4:" + ",".join(self.addresses)
 
-    def result(self) -> LoadResult:
-        """The finished run's figures (call after `wait` returned True or `stop`)."""
-        if self._crash is not None:
-            raise self._crash
-        tallies = self._tallies
-        latencies = sorted(itertools.chain.from_iterable(t.latencies for t in tallies))
-        first_error = next((t.first_error for t in tallies if t.first_error), None)
-        snapshot = self.snapshot()
-        return LoadResult(snapshot.calls, snapshot.errors, snapshot.elapsed, latencies, first_error)
+    def stats(self, reset: bool = False) -> list[StatsResponse | None]:
+        """Each server's Stats, in address order; None for a server that is down."""
+        results: list[StatsResponse | None] = []
+        for group in self._groups:
+            try:
+                results.append(group.stats(reset)[0] if group.process.poll() is None else None)
+            except grpc.RpcError:  # it went down just now
+                results.append(None)
+        return results
 
+    def kill(self, index: int) -> int:
+        """SIGKILL server `index`'s process; its pid."""
+        pid = self._groups[index].pid
+        self._groups[index].kill()
+        return pid
 
-class Load(BaseLoad):
-    """The workers are threads making sync calls."""
+    def restart(self, index: int) -> int:
+        """Start server `index` again on its port; the new process's pid."""
+        self._groups[index].restart()
+        return self._groups[index].pid
 
-    def __init__(self, make_call: CallFactory, *, concurrency: int, duration: float, max_calls: int) -> None:
-        super().__init__(concurrency=concurrency, duration=duration, max_calls=max_calls)
-        self._threads = [
-            threading.Thread(
-                target=self._work,
-                args=(make_call(i), tally),
-                name=f"poolkit-demo-{i}",
-                daemon=True,  # a call stuck past its deadline must not keep the process alive
-            )
-            for i, tally in enumerate(self._tallies)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _work(self, call: Call, tally: _Tally) -> None:
-        with self._worker():
-            for started in self._turns(tally):
-                try:
-                    call()
-                except grpc.RpcError as error:
-                    tally.record(started, error)
-                else:
-                    tally.record(started, None)
-
-
-class AsyncLoad(BaseLoad):
-    """The workers are asyncio tasks on `loop`, an event loop running in another thread
-    (an `EventLoopThread`), awaiting calls made on that loop."""
-
-    def __init__(
-        self,
-        make_call: AsyncCallFactory,
-        *,
-        loop: asyncio.AbstractEventLoop,
-        concurrency: int,
-        duration: float,
-        max_calls: int,
-    ) -> None:
-        super().__init__(concurrency=concurrency, duration=duration, max_calls=max_calls)
-        calls = [make_call(i) for i in range(concurrency)]
-        # Kept: through it the tasks stay referenced, which the loop alone does not ensure.
-        self._tasks = asyncio.run_coroutine_threadsafe(self._work_all(calls), loop)
-
-    async def _work_all(self, calls: list[AsyncCall]) -> None:
-        await asyncio.gather(*(self._work(call, tally) for call, tally in zip(calls, self._tallies, strict=True)))
-
-    async def _work(self, call: AsyncCall, tally: _Tally) -> None:
-        with self._worker():
-            for started in self._turns(tally):
-                try:
-                    await call()
-                except grpc.RpcError as error:
-                    tally.record(started, error)
-                else:
-                    tally.record(started, None)
-
-
-class EventLoopThread:
-    """An asyncio event loop running in a thread of its own, for sync code to hand
-    coroutines to. On `close()` (or leaving the `with` block) the loop stops, whatever
-    still runs on it is cancelled, and the thread is joined."""
-
-    loop: asyncio.AbstractEventLoop
-
-    def __init__(self) -> None:
-        ready = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(
-            target=self._serve,
-            args=(ready,),
-            name="poolkit-demo-loop",
-            daemon=True,  # a loop stuck in a call must not keep the process alive
-        )
-        self._thread.start()
-        if not ready.wait(LOOP_TIMEOUT):
-            raise RuntimeError("the demo's event loop did not start")
-
-    def _serve(self, ready: threading.Event) -> None:
-        # asyncio.Runner tears the loop down as asyncio.run does: cancels what is left,
-        # closes async generators and the default executor, then the loop.
-        with asyncio.Runner() as runner:
-            self.loop = runner.get_loop()
-            ready.set()
-            self.loop.run_forever()
-
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run `coroutine` on the loop; its result, waited for up to `LOOP_TIMEOUT` seconds."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        try:
-            return future.result(LOOP_TIMEOUT)
-        finally:
-            future.cancel()  # nothing to do if it finished; stops it if it overran
-
-    def close(self) -> None:
-        """Stop the loop and wait up to `LOOP_TIMEOUT` for its thread to end. Idempotent."""
-        if not self._stopping:
-            self._stopping = True
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(LOOP_TIMEOUT)
+    def stop(self) -> None:
+        for group in self._groups:
+            group.stop()
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        self.stop()
 
 
-def _describe_error(error: grpc.RpcError) -> str:
-    code = getattr(error, "code", None)
-    details = getattr(error, "details", None)
-    if callable(code) and callable(details):
-        return f"{code().name}: {details()}"
-    return repr(error)
+def _known(addresses: Sequence[str], stats: Sequence[StatsResponse | None]) -> list[StatsResponse]:
+    """`stats` with a server that was down counted as having seen nothing."""
+    return [
+        StatsResponse(server_id=address) if stat is None else stat
+        for address, stat in zip(addresses, stats, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class Mark:
+    """The pooled run as it stood at the end of a phase (or, for "start", at its start)."""
+
+    phase: str  # "start", then "before", "down" (the server killed) and "after" (restarted)
+    at: float  # seconds into the run (for the last mark, its end)
+    load: LoadSnapshot
+    described: dict[str, Any]  # the channel's describe()
+    stats: list[StatsResponse | None]  # what each server saw during the phase; None: it was down
+    described_at: float  # seconds into the run when `described` was taken, after a finished run too
+
+
+@dataclass(frozen=True)
+class FaultReport:
+    """A server killed and restarted during the pooled run, and the run around it."""
+
+    victim: str  # the killed server's address
+    addresses: list[str]  # every server's, in the order of each mark's stats
+    marks: list[Mark]
+    killed_at: float | None  # seconds into the run; None if the run ended first
+    restarted_at: float | None  # None if it was restarted only after the run, or could not be
+    error: str | None  # why the restart failed
+
+    def phases(self) -> list[tuple[Mark, Mark]]:
+        """Each phase as the marks at its start and end."""
+        return list(itertools.pairwise(self.marks))
+
+    @property
+    def errors_before(self) -> int:
+        """Calls that failed while every server was up."""
+        return self.marks[1].load.errors if len(self.marks) > 1 else 0
+
+    def server_totals(self) -> list[StatsResponse]:
+        """What each server saw over the whole run, its phases added up."""
+        totals = []
+        for index, address in enumerate(self.addresses):
+            seen = [mark.stats[index] for mark in self.marks[1:] if index < len(mark.stats)]
+            known = [stat for stat in seen if stat is not None]
+            peers = sorted({peer for stat in known for peer in stat.peers})
+            totals.append(StatsResponse(server_id=address, calls=sum(stat.calls for stat in known), peers=peers))
+        return totals
+
+
+class FaultSchedule:
+    """Kills the first server a third of the way through the run (SIGKILL, as a crash
+    would) and restarts it on the same port at two thirds, as its supervisor would,
+    recording the run at each step. `tick` is called as the run goes, `finish` at its end."""
+
+    victim = 0  # the index of the server that is killed
+
+    def __init__(
+        self,
+        servers: LocalServers,
+        describe: Callable[[], dict[str, Any]],
+        note: Callable[[str], None],
+        duration: float,
+    ) -> None:
+        self._servers = servers
+        self._describe = describe
+        self._note = note
+        self._kill_due = duration * KILL_AT
+        self._restart_due = duration * RESTART_AT
+        self.address = servers.addresses[self.victim]
+        self.marks = [Mark("start", 0.0, LoadSnapshot(0.0, 0, 0), describe(), [], 0.0)]
+        self._killed_at: float | None = None
+        self._restarted_at: float | None = None
+        self._error: str | None = None
+
+    def plan(self) -> str:
+        return (
+            f"fault: {self.address} is killed at {self._kill_due:.1f} s "
+            f"and restarted on the same port at {self._restart_due:.1f} s"
+        )
+
+    def tick(self, load: BaseLoad) -> None:
+        if self._killed_at is None:
+            if load.elapsed >= self._kill_due:
+                self._end_phase("before", load)
+                self._kill(load)
+        elif not self._restart_done() and load.elapsed >= self._restart_due:
+            self._restart(load)
+            self._end_phase("down", load)
+
+    def finish(self, load: BaseLoad) -> FaultReport:
+        """Close the last phase. A server still down is restarted after the run, since
+        later runs need every server."""
+        if self._killed_at is None:
+            self._end_phase("before", load)
+        elif not self._restart_done():
+            self._end_phase("down", load)
+            self._restart(load, during_run=False)
+        else:
+            self._end_phase("after", load)
+        return FaultReport(
+            self.address, self._servers.addresses, self.marks, self._killed_at, self._restarted_at, self._error
+        )
+
+    def _restart_done(self) -> bool:
+        return self._restarted_at is not None or self._error is not None
+
+    def _end_phase(self, phase: str, load: BaseLoad) -> None:
+        # The servers first: asking them takes longest, and the kill follows the channel's view.
+        stats = self._servers.stats(reset=True)
+        described_at = time.monotonic() - load.started
+        self.marks.append(Mark(phase, load.elapsed, load.snapshot(), self._describe(), stats, described_at))
+
+    def _kill(self, load: BaseLoad) -> None:
+        pid = self._servers.kill(self.victim)
+        self._killed_at = load.elapsed
+        self._note(f"  {self._killed_at:5.1f} s killed {self.address} (SIGKILL to pid {pid})")
+
+    def _restart(self, load: BaseLoad, *, during_run: bool = True) -> None:
+        try:
+            pid = self._servers.restart(self.victim)
+        except (RuntimeError, OSError) as error:
+            self._error = f"could not restart {self.address}: {error}"
+            self._note(f"  {load.elapsed:5.1f} s {self._error}")
+            return
+        if during_run:
+            self._restarted_at = load.elapsed
+            self._note(f"  {self._restarted_at:5.1f} s restarted {self.address} on the same port (pid {pid})")
+        else:
+            self._note(f"  restarted {self.address} after the run (pid {pid})")
 
 
 # -- progress -----------------------------------------------------------------------------
@@ -607,6 +591,14 @@ class ProgressDisplay:
             self._last_plain = now
             print(line, file=self._out, flush=True)
 
+    def note(self, line: str) -> None:
+        """Something that happened during the run, on a line of its own."""
+        if self._interactive:
+            self._out.write("\r" + line[: self._width - 1] + "\x1b[K\n")
+            self._out.flush()
+        else:
+            print(line, file=self._out, flush=True)
+
     def finish(self, line: str) -> None:
         """The final state stays on screen; later output starts on a line of its own."""
         if self._interactive:
@@ -617,11 +609,19 @@ class ProgressDisplay:
             print(line, file=self._out, flush=True)
 
 
-def watch(load: BaseLoad, display: ProgressDisplay, shares: Callable[[], list[float]] | None) -> None:
-    """Refresh `display` until `load` is over (or overdue by more than a call's deadline)."""
+def watch(
+    load: BaseLoad,
+    display: ProgressDisplay,
+    shares: Callable[[], list[float]] | None,
+    on_tick: Callable[[BaseLoad], None] | None = None,
+) -> None:
+    """Refresh `display` until `load` is over (or overdue by more than a call's deadline),
+    calling `on_tick` with the load at every refresh."""
     limit = load.duration + CALL_TIMEOUT + 5
     try:
         while not load.wait(TICK) and load.elapsed < limit:
+            if on_tick is not None:
+                on_tick(load)
             display.show(progress_line(load.snapshot(), shares() if shares else None), load.elapsed)
     finally:
         load.stop()
@@ -692,8 +692,92 @@ def pooled_summary(phase: PhaseResult, described: dict[str, Any], addresses: Seq
     if mismatched:
         # A call that failed on the client (a deadline, say) may or may not have reached the server.
         yield f"  channel and server counts differ on {mismatched} endpoint(s)"
+        if phase.fault is not None:
+            yield "  (a killed server's count of the calls it served last dies with it)"
     else:
         yield "  channel and server counts agree on every endpoint"
+
+
+PHASE_NAMES = {"before": "before", "down": "while down", "after": "after restart"}
+
+
+def fault_summary(report: FaultReport) -> Iterator[str]:
+    """The killed server's story: calls per endpoint and phase, failures, what the server
+    itself saw, and its status changes as the channel reported them."""
+    yield f"fault: {report.victim} {_fault_story(report)}"
+    phases = report.phases()
+    victim = report.addresses.index(report.victim)
+    rows = [
+        ("calls by phase", *(PHASE_NAMES[end.phase] for _, end in phases)),
+        ("seconds", *(f"{start.at:.1f}-{end.at:.1f}" for start, end in phases)),
+    ]
+    for address in report.addresses:
+        marker = " *" if address == report.victim else ""
+        rows.append((address + marker, *(_endpoint_calls(address, start, end) for start, end in phases)))
+    rule = len(rows)
+    rows.append(("all calls", *(f"{end.load.calls - start.load.calls:,}" for start, end in phases)))
+    rows.append(("failed calls", *(f"{end.load.errors - start.load.errors:,}" for start, end in phases)))
+    rows.append(("killed server saw", *(_server_calls(end.stats, victim) for _, end in phases)))
+    yield from _table(rows, "<" + ">" * len(phases), indent=2, rule_before=rule)
+    yield "  * killed: calls the channel made to each server (failed ones in brackets); the killed"
+    yield "    server's own count starts again from zero when it restarts"
+    yield ""
+    after = [end for _, end in phases if end.phase == "after"]
+    if after:
+        served = _server_calls(after[0].stats, victim)
+        yield f"  the killed server served {served} calls after its restart"
+    yield from _transitions(report.victim, report.marks[-1])
+
+
+def _fault_story(report: FaultReport) -> str:
+    if report.killed_at is None:
+        return "was to be killed, but the run ended first"
+    story = f"killed at {report.killed_at:.1f} s"
+    if report.error is not None:
+        return f"{story}; {report.error}"
+    if report.restarted_at is None:
+        return f"{story}, restarted after the run"
+    return f"{story}, restarted on the same port at {report.restarted_at:.1f} s"
+
+
+def _endpoint_calls(address: str, start: Mark, end: Mark) -> str:
+    """Calls the channel made to `address` between two marks, failed ones in brackets."""
+    before = _endpoint(start.described, address)
+    after = _endpoint(end.described, address)
+    calls = int(after.get("calls", 0)) - int(before.get("calls", 0))
+    errors = int(after.get("errors", 0)) - int(before.get("errors", 0))
+    return f"{calls:,} ({errors:,} failed)" if errors else f"{calls:,}"
+
+
+def _endpoint(described: dict[str, Any], address: str) -> dict[str, Any]:
+    found: dict[str, Any] = next((e for e in described["endpoints"] if e["address"] == address), {})
+    return found
+
+
+def _server_calls(stats: Sequence[StatsResponse | None], index: int) -> str:
+    stat = stats[index] if index < len(stats) else None
+    return "down" if stat is None else f"{int(stat.calls):,}"
+
+
+def _transitions(address: str, mark: Mark) -> Iterator[str]:
+    """`address`'s status now and its changes, in seconds into the run, as `mark`'s
+    describe() reported them (a pool without endpoint health reports none)."""
+    endpoint = _endpoint(mark.described, address)
+    ejections = endpoint.get("ejections")
+    ejected = "-" if ejections is None else _plural(int(ejections), "time")
+    yield (
+        f"  {address} as the channel saw it: status {endpoint.get('status', '-')}, "
+        f"health {endpoint.get('health', '-')}, ejected {ejected}"
+    )
+    if "transitions" not in mark.described:
+        yield "    (this channel reports no status changes)"
+        return
+    changes = [t for t in mark.described["transitions"] if t.get("endpoint") == address]
+    if not changes:
+        yield "    no status changes"
+    for change in changes:
+        at = mark.described_at - float(change["ago_s"])
+        yield f"    {at:5.1f} s  {change['from']} -> {change['to']}  ({change['why']})"
 
 
 def contrast_summary(pooled: PhaseResult, fresh: PhaseResult) -> Iterator[str]:
@@ -720,13 +804,21 @@ def contrast_summary(pooled: PhaseResult, fresh: PhaseResult) -> Iterator[str]:
 
 
 def _table(
-    rows: Sequence[Sequence[str]], align: str, *, indent: int = 0, rule_before_last: bool = False
+    rows: Sequence[Sequence[str]],
+    align: str,
+    *,
+    indent: int = 0,
+    rule_before_last: bool = False,
+    rule_before: int | None = None,
 ) -> Iterator[str]:
-    """Rows as aligned columns: `align` has one "<" (left) or ">" (right) per column."""
+    """Rows as aligned columns: `align` has one "<" (left) or ">" (right) per column; a
+    rule of dashes before the last row, or before row `rule_before`."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(align))]
     pad = " " * indent
+    if rule_before_last:
+        rule_before = len(rows) - 1
     for index, row in enumerate(rows):
-        if rule_before_last and index == len(rows) - 1:
+        if index == rule_before:
             yield pad + "  ".join("-" * width for width in widths)
         cells = [cell.ljust(w) if a == "<" else cell.rjust(w) for cell, w, a in zip(row, widths, align, strict=True)]
         yield (pad + "  ".join(cells)).rstrip()

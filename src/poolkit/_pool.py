@@ -310,6 +310,14 @@ class PoolState:
             if route.health == health:
                 return
             route.health = health
+            if health == _health.SERVING and route.ejected_until is not None:
+                # Back from a restart, say: probe it now rather than when the ejection
+                # would have run out (Envoy unejects on a passing active check too).
+                route.ejected_until = None
+                if any(slot.state is _READY for slot in route.slots):
+                    self._open_probe(route)
+                else:
+                    route.probe = _PROBE_WAITING
             self._refresh(self.clock(), f"health check: {health.replace('_', ' ')}")
 
     def update_endpoints(self, added: Sequence[Route], wanted: Sequence[Endpoint]) -> None:

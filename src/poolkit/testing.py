@@ -11,6 +11,14 @@ In another process (so its CPU is not the client's, and it can be killed or stop
     with poolkit.testing.spawn_echo_servers(4) as servers:
         ...
         servers.kill()
+        servers.restart()  # the same addresses again
+
+Faults: `EchoServer.fail_code` and `fail_next` make echo calls fail with a status code,
+and a `FaultProxy` in front of a server stalls, refuses, resets or delays its connections::
+
+    with poolkit.testing.FaultProxy(server.address) as proxy:
+        channel = grpc.insecure_channel(proxy.address)
+        proxy.black_hole()
 
 `python -m poolkit.testing --count 4` serves until interrupted and prints the addresses.
 """
@@ -35,17 +43,20 @@ from typing import Self
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ._fault_proxy import FaultProxy, bracketed, split_address
 from ._proto import echo_pb2, echo_pb2_grpc
 from ._proto.echo_pb2 import EchoRequest, EchoResponse, StatsRequest, StatsResponse
 from ._proto.echo_pb2_grpc import EchoStub
 
 __all__ = [
     "ECHO_SERVICE",
+    "FAIL_DETAILS",
     "EchoRequest",
     "EchoResponse",
     "EchoServer",
     "EchoServers",
     "EchoStub",
+    "FaultProxy",
     "SpawnedEchoServers",
     "StatsRequest",
     "StatsResponse",
@@ -56,6 +67,15 @@ __all__ = [
 ]
 
 ECHO_SERVICE = "poolkit.echo.v1.Echo"
+
+FAIL_DETAILS = "poolkit.testing: failing on purpose"
+"""The details of an echo call failed by `EchoServer.fail_code` or `fail_next`."""
+
+_NO_SHARED_PORTS = ("grpc.so_reuseport", 0)
+"""grpc servers set SO_REUSEPORT by default, so a second server could bind a port a live
+one holds and the two would split its connections. Without it a port has one owner;
+grpc's SO_REUSEADDR still lets a restarted server bind a port whose old connections
+linger in TIME_WAIT."""
 
 
 @dataclass
@@ -70,6 +90,36 @@ class _EchoServicer(echo_pb2_grpc.EchoServicer):
         self.delay = delay  # extra latency added to every echo call, in seconds
         self._lock = threading.Lock()
         self._counts = _Counts()
+        self._fail_code: grpc.StatusCode | None = None  # every echo call fails with it
+        self._fail_next: tuple[int, grpc.StatusCode] = (0, grpc.StatusCode.UNAVAILABLE)
+
+    @property
+    def fail_code(self) -> grpc.StatusCode | None:
+        with self._lock:
+            return self._fail_code
+
+    @fail_code.setter
+    def fail_code(self, code: grpc.StatusCode | None) -> None:
+        with self._lock:
+            self._fail_code = code
+
+    def fail_next(self, count: int, code: grpc.StatusCode) -> None:
+        with self._lock:
+            self._fail_next = (count, code)
+
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        """Fail the call at once, counted as arrived, if the server is set to fail calls."""
+        with self._lock:
+            remaining, code = self._fail_next
+            if remaining:
+                self._fail_next = (remaining - 1, code)
+            elif self._fail_code is not None:
+                code = self._fail_code
+            else:
+                return
+            self._counts.calls += 1
+            self._counts.peers.add(context.peer())
+        context.abort(code, FAIL_DETAILS)
 
     def _arrive(self, request: EchoRequest, context: grpc.ServicerContext) -> None:
         with self._lock:
@@ -92,10 +142,12 @@ class _EchoServicer(echo_pb2_grpc.EchoServicer):
         )
 
     def Unary(self, request: EchoRequest, context: grpc.ServicerContext) -> EchoResponse:
+        self._admit(context)
         self._arrive(request, context)
         return self._reply(request, context)
 
     def ServerStream(self, request: EchoRequest, context: grpc.ServicerContext) -> Iterator[EchoResponse]:
+        self._admit(context)
         self._arrive(request, context)
         for index in range(max(request.repeat, 1)):
             if index and request.delay_ms:
@@ -103,6 +155,7 @@ class _EchoServicer(echo_pb2_grpc.EchoServicer):
             yield self._reply(request, context, index)
 
     def ClientStream(self, request_iterator: Iterator[EchoRequest], context: grpc.ServicerContext) -> EchoResponse:
+        self._admit(context)
         payloads = []
         last = EchoRequest()
         for request in request_iterator:
@@ -114,6 +167,7 @@ class _EchoServicer(echo_pb2_grpc.EchoServicer):
     def BidiStream(
         self, request_iterator: Iterator[EchoRequest], context: grpc.ServicerContext
     ) -> Iterator[EchoResponse]:
+        self._admit(context)
         for index, request in enumerate(request_iterator):
             if index == 0:
                 self._arrive(request, context)
@@ -143,7 +197,7 @@ def _status_code(number: int) -> tuple[int, str]:
 
 
 class EchoServer:
-    """One in-process echo + health server on a loopback port chosen by the kernel."""
+    """One in-process echo + health server on loopback, on `port` or (0) one the kernel chooses."""
 
     def __init__(
         self,
@@ -153,14 +207,21 @@ class EchoServer:
         delay: float = 0.0,
         max_workers: int = 16,
         options: Sequence[tuple[str, object]] = (),
+        port: int = 0,
     ) -> None:
         self.host = host
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=list(options))
-        bracketed = f"[{host}]" if ":" in host else host
-        self.port = self._server.add_insecure_port(f"{bracketed}:0")
+        options = list(options)
+        if not any(name == _NO_SHARED_PORTS[0] for name, _ in options):
+            options.append(_NO_SHARED_PORTS)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        listen_host = bracketed(host)
+        try:
+            self.port = self._server.add_insecure_port(f"{listen_host}:{port}")
+        except RuntimeError as error:  # grpc's way of saying the bind failed
+            raise OSError(f"cannot listen on {listen_host}:{port}: {error}") from None
         if self.port == 0:
-            raise OSError(f"cannot listen on {host}")
-        self.address = f"{bracketed}:{self.port}"
+            raise OSError(f"cannot listen on {listen_host}:{port}")
+        self.address = f"{listen_host}:{self.port}"
         self.server_id = server_id or self.address
         self._echo = _EchoServicer(self.server_id, delay)
         self.health = health.HealthServicer()
@@ -179,8 +240,29 @@ class EchoServer:
         self._echo.delay = seconds
 
     @property
+    def fail_code(self) -> grpc.StatusCode | None:
+        """While set, every echo call (not Stats, not health) fails with this code and
+        `FAIL_DETAILS`, as a server whose backend is down would. None serves normally."""
+        return self._echo.fail_code
+
+    @fail_code.setter
+    def fail_code(self, code: grpc.StatusCode | None) -> None:
+        if code is grpc.StatusCode.OK:
+            raise ValueError("fail_code cannot be OK: a call cannot fail with OK")
+        self._echo.fail_code = code
+
+    def fail_next(self, count: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        """Fail the next `count` echo calls with `code`, whatever `fail_code` says; then
+        serve as before. `fail_next(0)` cancels what is left of an earlier count."""
+        if count < 0:
+            raise ValueError(f"fail_next count must be 0 or more, not {count}")
+        if code is grpc.StatusCode.OK:
+            raise ValueError("fail_next code cannot be OK: a call cannot fail with OK")
+        self._echo.fail_next(count, code)
+
+    @property
     def calls(self) -> int:
-        """Echo calls served so far (Stats calls not counted)."""
+        """Echo calls served so far, failed ones included (Stats calls not counted)."""
         return self._echo.counts().calls
 
     @property
@@ -247,14 +329,21 @@ def start_echo_servers(
     delays: Sequence[float] = (),
     max_workers: int = 16,
     options: Sequence[tuple[str, object]] = (),
+    ports: Sequence[int] = (),
 ) -> EchoServers:
-    """Start `count` in-process servers on `host`; `delays[i]` adds latency to server i."""
+    """Start `count` in-process servers on `host`; `delays[i]` adds latency to server i,
+    and server i listens on `ports[i]` (0 or none given: a port the kernel chooses)."""
+    if len(ports) > count:
+        raise ValueError(f"{len(ports)} ports given for {count} servers")
     servers: list[EchoServer] = []
     try:
         for i in range(count):
             delay = delays[i] if i < len(delays) else 0.0
+            port = ports[i] if i < len(ports) else 0
             servers.append(
-                EchoServer(host, server_id=f"echo-{i}", delay=delay, max_workers=max_workers, options=options)
+                EchoServer(
+                    host, server_id=f"echo-{i}", delay=delay, max_workers=max_workers, options=options, port=port
+                )
             )
     except BaseException:
         EchoServers(servers).stop()
@@ -263,15 +352,17 @@ def start_echo_servers(
 
 
 class SpawnedEchoServers:
-    """Echo servers running in a child process, which the caller can kill, pause or resume.
+    """Echo servers running in a child process, which the caller can kill, pause, resume
+    or restart.
 
     The whole group lives in one process: `kill()` takes every server down at once.
     Spawn one group per server when servers must fail independently.
     """
 
-    def __init__(self, process: subprocess.Popen[str], addresses: list[str]) -> None:
+    def __init__(self, process: subprocess.Popen[str], addresses: list[str], *, command: Sequence[str] = ()) -> None:
         self.process = process
         self.addresses = addresses
+        self._command = list(command)  # the child's command line, less its ports: for restart()
 
     @property
     def pid(self) -> int:
@@ -297,6 +388,7 @@ class SpawnedEchoServers:
         os.kill(self.pid, signal.SIGCONT)
 
     def kill(self) -> None:
+        """SIGKILL: the servers vanish at once, as in a crash; their ports are free again."""
         if self.process.poll() is None:
             os.kill(self.pid, signal.SIGCONT)
             self.process.kill()
@@ -314,9 +406,28 @@ class SpawnedEchoServers:
                 self.process.wait(timeout=10)
         self._close_pipe()
 
+    def restart(self, startup_timeout: float = 30.0) -> None:
+        """Kill the child process if it still runs, then start a new one serving the same
+        addresses with the same delays and options, as a supervisor restarts a crashed
+        server. The new servers' counts start from zero; `process` is the new child."""
+        if not self._command:
+            raise RuntimeError("restart() needs servers started by spawn_echo_servers()")
+        self.kill()
+        ports = [split_address(address)[1] for address in self.addresses]
+        process, addresses = _launch([*self._command, "--ports", json.dumps(ports)], startup_timeout)
+        if addresses != self.addresses:  # the child binds exactly these ports or fails to start
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"restarted echo servers listen on {addresses}, not {self.addresses}")
+        self.process = process
+
     def _close_pipe(self) -> None:
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.process.poll() is None else f"exited {self.process.returncode}"
+        return f"<SpawnedEchoServers pid={self.pid} {state} {','.join(self.addresses)}>"
 
     def __enter__(self) -> Self:
         return self
@@ -334,10 +445,14 @@ def spawn_echo_servers(
     delays: Sequence[float] = (),
     max_workers: int = 16,
     options: Sequence[tuple[str, object]] = (),
+    ports: Sequence[int] = (),
     startup_timeout: float = 30.0,
 ) -> SpawnedEchoServers:
-    """Start `count` echo servers in one child process and wait until they listen."""
-    args = [
+    """Start `count` echo servers in one child process and wait until they listen; server
+    i on `ports[i]` (0 or none given: a port the kernel chooses)."""
+    if len(ports) > count:
+        raise ValueError(f"{len(ports)} ports given for {count} servers")
+    command = [
         sys.executable,
         "-m",
         "poolkit.testing",
@@ -348,17 +463,22 @@ def spawn_echo_servers(
         "--max-workers",
         str(max_workers),
     ]
-    args += ["--delays", json.dumps(list(delays)), "--options", json.dumps([list(o) for o in options])]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
+    command += ["--delays", json.dumps(list(delays)), "--options", json.dumps([list(o) for o in options])]
+    process, addresses = _launch([*command, "--ports", json.dumps(list(ports))], startup_timeout)
+    return SpawnedEchoServers(process, addresses, command=command)
+
+
+def _launch(command: list[str], startup_timeout: float) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start a `python -m poolkit.testing` child and read the addresses it listens on."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     line = _readline_within(process, startup_timeout)
     try:
-        addresses = json.loads(line)["addresses"]
+        addresses: list[str] = json.loads(line)["addresses"]
     except (ValueError, KeyError):
         process.kill()
         process.wait()
         raise RuntimeError(f"echo server process did not start (said {line!r})") from None
-    return SpawnedEchoServers(process, addresses)
+    return process, addresses
 
 
 def _readline_within(process: subprocess.Popen[str], timeout: float) -> str:
@@ -382,10 +502,16 @@ def _serve(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-workers", type=int, default=16)
     parser.add_argument("--delays", default="[]", help="JSON list of per-server delays in seconds")
     parser.add_argument("--options", default="[]", help="JSON list of [name, value] server options")
+    parser.add_argument("--ports", default="[]", help="JSON list of per-server ports (0: the kernel chooses)")
     args = parser.parse_args(argv)
     options = [tuple(o) for o in json.loads(args.options)]
     servers = start_echo_servers(
-        args.count, args.host, delays=json.loads(args.delays), max_workers=args.max_workers, options=options
+        args.count,
+        args.host,
+        delays=json.loads(args.delays),
+        max_workers=args.max_workers,
+        options=options,
+        ports=json.loads(args.ports),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
