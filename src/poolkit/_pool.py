@@ -313,11 +313,7 @@ class PoolState:
             if health == _health.SERVING and route.ejected_until is not None:
                 # Back from a restart, say: probe it now rather than when the ejection
                 # would have run out (Envoy unejects on a passing active check too).
-                route.ejected_until = None
-                if any(slot.state is _READY for slot in route.slots):
-                    self._open_probe(route)
-                else:
-                    route.probe = _PROBE_WAITING
+                self._end_ejection(route)
             self._refresh(self.clock(), f"health check: {health.replace('_', ' ')}")
 
     def update_endpoints(self, added: Sequence[Route], wanted: Sequence[Endpoint]) -> None:
@@ -374,12 +370,13 @@ class PoolState:
 
     # -- decisions (called with the lock held) --------------------------------------------
 
-    def _eject(self, route: Route, now: float, why: str) -> None:
+    def _eject(self, route: Route, now: float, why: str, *, capped: bool = True) -> None:
         assert route.accrual is not None
-        active = sum(1 for r in self.routes if not r.draining)
-        out = sum(1 for r in self.routes if not r.draining and (r.ejected_until is not None or r.probe))
-        if out + 1 > self.config.max_ejected_share * active:
-            return  # at the cap: keep the route, as Envoy does, rather than shrink the pool further
+        if capped:
+            active = sum(1 for r in self.routes if not r.draining)
+            out = sum(1 for r in self.routes if not r.draining and (r.ejected_until is not None or r.probe))
+            if out + 1 > self.config.max_ejected_share * active:
+                return  # at the cap: keep the route, as Envoy does, rather than shrink the pool further
         duration = route.accrual.ejection(now, self.rng)
         route.ejected_until = now + duration
         route.ejections += 1
@@ -397,12 +394,16 @@ class PoolState:
             if until > now:
                 self._next_expiry = min(self._next_expiry, until)
                 continue
-            route.ejected_until = None
-            if any(slot.state is _READY for slot in route.slots):
-                self._open_probe(route)
-            else:
-                route.probe = _PROBE_WAITING
+            self._end_ejection(route)
         self._refresh(now, "ejection over")
+
+    def _end_ejection(self, route: Route) -> None:
+        """Let one probe call decide: now if a connection is ready, else once one is."""
+        route.ejected_until = None
+        if any(slot.state is _READY for slot in route.slots):
+            self._open_probe(route)
+        else:
+            route.probe = _PROBE_WAITING
 
     def _open_probe(self, route: Route) -> None:
         route.probe = _PROBE_OPEN
@@ -415,21 +416,12 @@ class PoolState:
         assert route.accrual is not None
         if route.probe != _PROBE_SENT:
             return
+        route.probe = _NO_PROBE
         if failed:
-            route.probe = _NO_PROBE
-            self._eject_after_probe(route, now)
+            self._eject(route, now, "probe failed", capped=False)  # it was already out
         else:
-            route.probe = _NO_PROBE
             route.accrual.revived(now)
             self._refresh(now, "probe succeeded")
-
-    def _eject_after_probe(self, route: Route, now: float) -> None:
-        assert route.accrual is not None
-        duration = route.accrual.ejection(now, self.rng)
-        route.ejected_until = now + duration
-        route.ejections += 1
-        self._next_expiry = min(self._next_expiry, route.ejected_until)
-        self._refresh(now, f"probe failed; ejected for {duration:.1f} s")
 
     def _refresh(self, now: float, why: str) -> None:
         """Recompute each route's status and the routes calls may go to."""
