@@ -567,8 +567,8 @@ class Sampler:
         self._halt.set()
         self._running.result(timeout=RUN_LIMIT)
 
-    def last_new_call(self, address: str, since: float) -> float | None:
-        """When `address` was last seen taking a new call after `since`, None if never."""
+    def seconds_to_last_new_call(self, address: str, since: float) -> float | None:
+        """How long after `since` `address` was last seen taking a new call, None if never."""
         last = None
         previous = None
         for at, snapshot in self.samples:
@@ -576,7 +576,7 @@ class Sampler:
             if previous is not None and count > previous and at > since:
                 last = at
             previous = count
-        return last
+        return None if last is None else round(last - since, 3)
 
     def statuses(self, address: str) -> list[str]:
         """The statuses `address` was seen in, in order, repeats dropped."""
@@ -743,6 +743,15 @@ def test_health_checks_switched_off(servers: EchoServers, client: Client) -> Non
 # -- faults under load ------------------------------------------------------------------------
 
 
+def wait_until_every_endpoint_is_busy(client: Client, addresses: Sequence[str]) -> None:
+    """Before a fault: every endpoint has taken calls, so what changes after it is the fault's doing."""
+    wait_until(
+        lambda: all(started_on(client.describe(), a) >= 20 for a in addresses),
+        lambda: f"every endpoint to take calls: {brief(client.describe())}",
+        limit=FAULT_WAIT,
+    )
+
+
 @pytest.mark.parametrize("accrual", [True, False], ids=["accrual", "connectivity_only"])
 def test_killed_server_gets_no_new_calls_and_the_rest_serve(
     spawn: Callable[..., list[SpawnedEchoServers]], client: Client, accrual: bool
@@ -755,11 +764,7 @@ def test_killed_server_gets_no_new_calls_and_the_rest_serve(
     load = client.load(concurrency=16, total=30_000, duration=20.0)
     sampler = Sampler(client)
     try:
-        wait_until(
-            lambda: all(started_on(client.describe(), a) >= 20 for a in addresses),
-            lambda: f"every endpoint to take calls: {brief(client.describe())}",
-            limit=FAULT_WAIT,
-        )
+        wait_until_every_endpoint_is_busy(client, addresses)
         killed_at = time.monotonic()
         victim_process.kill()
         noticed = wait_for_status(client, victim, OUT_OF_ROTATION)
@@ -771,7 +776,6 @@ def test_killed_server_gets_no_new_calls_and_the_rest_serve(
         outcomes = load.stop()
         sampler.stop()
 
-    last_new_call = sampler.last_new_call(victim, since=killed_at)
     late = [o for o in outcomes if o.started > noticed_at and o.code is not OK]
     report(
         "kill_one_of_four",
@@ -780,7 +784,7 @@ def test_killed_server_gets_no_new_calls_and_the_rest_serve(
         calls=len(outcomes),
         failed=sum(o.code is not OK for o in outcomes),
         failures=failure_codes(outcomes),
-        seconds_to_last_new_call=None if last_new_call is None else round(last_new_call - killed_at, 3),
+        seconds_to_last_new_call=sampler.seconds_to_last_new_call(victim, since=killed_at),
         seconds_to_status=round(noticed_at - killed_at, 3),
         statuses=sampler.statuses(victim),
     )
@@ -803,11 +807,7 @@ def test_black_holed_endpoint_is_ejected_and_gets_no_new_calls(servers: EchoServ
         load = client.load(concurrency=8, total=30_000, duration=20.0, timeout=0.5)
         sampler = Sampler(client)
         try:
-            wait_until(
-                lambda: all(started_on(client.describe(), a) >= 20 for a in addresses),
-                lambda: f"every endpoint to take calls: {brief(client.describe())}",
-                limit=FAULT_WAIT,
-            )
+            wait_until_every_endpoint_is_busy(client, addresses)
             silenced_at = time.monotonic()
             proxy.black_hole()
             wait_for_status(client, victim, "ejected")
@@ -819,7 +819,6 @@ def test_black_holed_endpoint_is_ejected_and_gets_no_new_calls(servers: EchoServ
             outcomes = load.stop()
             sampler.stop()
 
-    last_new_call = sampler.last_new_call(victim, since=silenced_at)
     late = [o for o in outcomes if o.started > ejected_at and o.code is not OK]
     report(
         "black_hole_one_of_four",
@@ -827,7 +826,7 @@ def test_black_holed_endpoint_is_ejected_and_gets_no_new_calls(servers: EchoServ
         calls=len(outcomes),
         failed=sum(o.code is not OK for o in outcomes),
         failures=failure_codes(outcomes),
-        seconds_to_last_new_call=None if last_new_call is None else round(last_new_call - silenced_at, 3),
+        seconds_to_last_new_call=sampler.seconds_to_last_new_call(victim, since=silenced_at),
         seconds_to_ejection=round(ejected_at - silenced_at, 3),
         statuses=sampler.statuses(victim),
     )
