@@ -13,24 +13,24 @@ from fractions import Fraction
 import pytest
 from _support import FakeClock
 
-from poolkit._budget import _BUCKETS, RetryBudget
+from poolkit._budget import _BUCKETS, TokenBudget
 from poolkit._errors import ConfigError
 
 # Keeps float time stamps that land on a bucket edge from deciding an exact comparison.
 _EDGE = 1e-9
 
 
-def new_budget(clock: FakeClock, ratio: float = 0.2, min_per_second: float = 10.0, window: float = 10.0) -> RetryBudget:
-    return RetryBudget(ratio=ratio, min_per_second=min_per_second, window=window, now=clock.now)
+def new_budget(clock: FakeClock, ratio: float = 0.2, min_per_second: float = 10.0, window: float = 10.0) -> TokenBudget:
+    return TokenBudget(ratio=ratio, min_per_second=min_per_second, window=window, now=clock.now)
 
 
-def spend(budget: RetryBudget, now: float, attempts: int) -> int:
+def spend(budget: TokenBudget, now: float, attempts: int) -> int:
     """Try `attempts` retries at `now`; how many went out."""
     return sum(budget.try_withdraw(now) for _ in range(attempts))
 
 
 def test_defaults_are_finagles() -> None:
-    budget = RetryBudget(now=0.0)
+    budget = TokenBudget(now=0.0)
     # 10 retries a second over 10 s, with no traffic yet.
     assert budget.balance(0.0) == 100.0
     for _ in range(10):
@@ -213,7 +213,7 @@ class Trace:
 _PHASES = [(200.0, 0.0), (200.0, 100.0), (0.0, 30.0), (50.0, 500.0), (400.0, 400.0), (0.0, 0.5), (5.0, 5.0)]
 
 
-def run_schedule(budget: RetryBudget, clock: FakeClock, rng: random.Random, phases: int) -> Trace:
+def run_schedule(budget: TokenBudget, clock: FakeClock, rng: random.Random, phases: int) -> Trace:
     """Random phases of random length, events at random times; records what happened and
     checks at every step that balance is never negative and predicts try_withdraw."""
     trace = Trace()
@@ -296,7 +296,7 @@ def test_every_retry_fits_its_window_and_every_refusal_is_due(
 )
 def test_bad_settings_name_the_field(name: str, value: object) -> None:
     with pytest.raises(ConfigError) as raised:
-        RetryBudget(now=0.0, **{name: value})  # type: ignore[arg-type]
+        TokenBudget(now=0.0, **{name: value})  # type: ignore[arg-type]
     assert raised.value.name == f"retry_budget.{name}"
     assert f"retry_budget.{name}=" in str(raised.value)
     assert isinstance(raised.value, ValueError)
@@ -307,4 +307,4 @@ def test_bad_settings_name_the_field(name: str, value: object) -> None:
     [(0.0, 0.0, 10.0), (1000.0, 0.0, 10.0), (0, 0, 1), (0.2, 10.0, 0.001)],
 )
 def test_edge_settings_are_accepted(ratio: float, min_per_second: float, window: float) -> None:
-    RetryBudget(ratio=ratio, min_per_second=min_per_second, window=window, now=0.0)
+    TokenBudget(ratio=ratio, min_per_second=min_per_second, window=window, now=0.0)

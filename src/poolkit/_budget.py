@@ -33,7 +33,7 @@ _UNIT = 1_000_000
 _MAX_RATIO = 1000.0
 
 
-class RetryBudget:
+class TokenBudget:
     """Finagle's token retry budget over a sliding window.
 
     Each call (`deposit`) earns `ratio` of a retry; the reserve, `min_per_second × window`
@@ -74,7 +74,7 @@ class RetryBudget:
         window: float = DEFAULT_WINDOW,
         now: float,
     ) -> None:
-        _validate(ratio, min_per_second, window)
+        validate_budget(ratio, min_per_second, window)
         self._per_call = round(ratio * _UNIT)
         self._reserve = round(min_per_second * window * _UNIT)
         self._per_second = _BUCKETS / window
@@ -140,12 +140,12 @@ class RetryBudget:
 
     def __repr__(self) -> str:
         return (
-            f"<RetryBudget calls_in_window={self._calls_in_window} retries_in_window={self._retries_in_window}"
+            f"<TokenBudget calls_in_window={self._calls_in_window} retries_in_window={self._retries_in_window}"
             f" allowed={self.allowed} refused={self.refused}>"
         )
 
 
-def _validate(ratio: object, min_per_second: object, window: object) -> None:
+def validate_budget(ratio: object, min_per_second: object, window: object) -> None:
     if not 0 <= _number("retry_budget.ratio", ratio) <= _MAX_RATIO:
         raise ConfigError("retry_budget.ratio", ratio, f"must be between 0 and {_MAX_RATIO:g}")
     if _number("retry_budget.min_per_second", min_per_second) < 0:

@@ -22,7 +22,9 @@ import grpc
 from ._config import PoolConfig
 from ._errors import ConfigError
 from ._pool import Route, Slot
+from ._retry import Attempts, with_attempts
 from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
+from ._sync_retry import RetryingStream, first_attempt_special, next_slot, replayable, resend, retry_blocking
 from ._sync_watch import DiscoveryThread, HealthThread
 from ._target import Endpoint
 
@@ -277,19 +279,36 @@ class _MultiCallable(MultiCallableBase):
     ) -> tuple[Any, grpc.Call]:
         """A blocking `with_call` on the chosen slot; its duration is a latency sample
         only for unary requests (a request stream's pace is the caller's)."""
+        if sample_latency and self._special:
+            return first_attempt_special(  # type: ignore[no-any-return]
+                self, "with_call", request, timeout, metadata, credentials, wait_for_ready, compression
+            )
         pool = self._pool
         slot = pool.begin(wait_for_ready)
         call = slot.callables.get(self._id) or self._bind(slot)
-        started = self._clock() if sample_latency else None
+        started = self._clock()
+        # A request stream given as a list (or tuple) is sent from a fresh iterator each attempt.
+        sent = request if sample_latency or not replayable(request, True) else iter(request)
         try:
-            result = call.with_call(request, timeout, metadata, credentials, wait_for_ready, compression)
+            result = call.with_call(sent, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as error:
-            pool.end(slot, started, error.code())
-            raise
+            pool.end(slot, started if sample_latency else None, error.code())
+            return retry_blocking(  # type: ignore[no-any-return]
+                self,
+                error,
+                self._plan.first(started, timeout, slot.route),
+                "with_call",
+                request,
+                metadata,
+                credentials,
+                wait_for_ready,
+                compression,
+                not sample_latency,
+            )
         except BaseException:
             pool.end(slot, None, grpc.StatusCode.UNKNOWN)
             raise
-        pool.end(slot, started)
+        pool.end(slot, started if sample_latency else None)
         return result  # type: ignore[no-any-return]
 
     def _end_call(self, slot: Slot, started: float | None, call_ref: weakref.ref[Any]) -> None:
@@ -311,6 +330,10 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
+        if self._special:
+            return first_attempt_special(
+                self, None, request, timeout, metadata, credentials, wait_for_ready, compression
+            )
         pool = self._pool
         slot = pool.begin(wait_for_ready)
         call = slot.callables.get(self._id) or self._bind(slot)
@@ -319,7 +342,18 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
             response = call(request, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as error:
             pool.end(slot, started, error.code())
-            raise
+            return retry_blocking(
+                self,
+                error,
+                self._plan.first(started, timeout, slot.route),
+                None,
+                request,
+                metadata,
+                credentials,
+                wait_for_ready,
+                compression,
+                False,
+            )
         except BaseException:
             pool.end(slot, None, grpc.StatusCode.UNKNOWN)
             raise
@@ -361,7 +395,7 @@ class _UnaryStream(_MultiCallable, _UnaryStreamBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return _start(self, request, timeout, metadata, credentials, wait_for_ready, compression, None, False)
+        return _start_stream(self, request, timeout, metadata, credentials, wait_for_ready, compression, False)
 
 
 class _StreamUnary(_MultiCallable, _StreamUnaryBase):
@@ -415,7 +449,7 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return _start(self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, None, False)
+        return _start_stream(self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, True)
 
 
 def _start(
@@ -448,4 +482,65 @@ def _start(
     end = functools.partial(multicallable._end_call, slot, started, weakref.ref(call))
     if not call.add_callback(end):
         end()  # already over
+    return call
+
+
+def _start_stream(
+    multicallable: _MultiCallable,
+    request: Any,
+    timeout: float | None,
+    metadata: Any,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+    streaming_request: bool,
+) -> Any:
+    """Start a response stream; behind a `RetryingStream` when it may be sent again."""
+    started = multicallable._clock()
+    again = replayable(request, streaming_request)
+    sent = resend(request, streaming_request) if again else request
+    call = _start(multicallable, sent, timeout, metadata, credentials, wait_for_ready, compression, None, False)
+    if not again or not multicallable._plan.requeues:
+        return call
+    state: list[Attempts] = []  # made on the first failure
+
+    def restart(error: grpc.RpcError) -> Any:
+        if not state:
+            state.append(multicallable._plan.first(started, timeout, None))
+        attempts = state[0]
+        slot, attempt_timeout = next_slot(multicallable, attempts, error, wait_for_ready)
+        return _start_on(
+            multicallable,
+            slot,
+            resend(request, streaming_request),
+            attempt_timeout,
+            with_attempts(metadata, attempts.previous),
+            credentials,
+            wait_for_ready,
+            compression,
+        )
+
+    return RetryingStream(call, restart)
+
+
+def _start_on(
+    multicallable: _MultiCallable,
+    slot: Slot,
+    request: Any,
+    timeout: float | None,
+    metadata: Any,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+) -> Any:
+    """`_start` of a response stream on a slot already taken (a retry's)."""
+    bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+    try:
+        call = bound(request, timeout, metadata, credentials, wait_for_ready, compression)
+    except BaseException:
+        multicallable._pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+        raise
+    end = functools.partial(multicallable._end_call, slot, None, weakref.ref(call))
+    if not call.add_callback(end):
+        end()
     return call

@@ -10,6 +10,7 @@ from typing import Literal
 
 import grpc
 
+from ._budget import DEFAULT_MIN_PER_SECOND, DEFAULT_RATIO, DEFAULT_WINDOW, validate_budget
 from ._errors import ConfigError
 
 Balancer = Literal["p2c_peak_ewma", "p2c_least_loaded", "round_robin"]
@@ -104,22 +105,116 @@ class FailureAccrual:
             _check_share("failure_accrual.success_rate", self.success_rate)
         _check_positive("failure_accrual.success_rate_window", self.success_rate_window)
         _check_int("failure_accrual.success_rate_min_calls", self.success_rate_min_calls, low=1, high=1_000_000)
-        codes = self.failure_codes
-        if isinstance(codes, grpc.StatusCode) or not isinstance(codes, Iterable):
-            raise ConfigError("failure_accrual.failure_codes", codes, "must be a set of grpc.StatusCode")
-        codes = frozenset(codes)
-        for code in codes:
-            if not isinstance(code, grpc.StatusCode):
-                raise ConfigError("failure_accrual.failure_codes", code, "must be a grpc.StatusCode")
-        if grpc.StatusCode.OK in codes:
-            raise ConfigError("failure_accrual.failure_codes", codes, "cannot count OK as a failure")
-        object.__setattr__(self, "failure_codes", codes)
+        object.__setattr__(self, "failure_codes", _status_codes("failure_accrual.failure_codes", self.failure_codes))
         _check_positive("failure_accrual.ejection_min", self.ejection_min)
         _check_positive("failure_accrual.ejection_max", self.ejection_max)
         if self.ejection_max < self.ejection_min:
             raise ConfigError("failure_accrual.ejection_max", self.ejection_max, "must be at least ejection_min")
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float) or not 0 <= self.jitter < 1:
-            raise ConfigError("failure_accrual.jitter", self.jitter, "must be a number from 0 up to (not including) 1")
+        _check_jitter("failure_accrual.jitter", self.jitter)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hedging:
+    """Send a second attempt of a slow call to another endpoint; the first answer wins and
+    the other attempt is cancelled. Only for idempotent methods; hedges draw on the retry
+    budget, so a slow pool cannot double its own load."""
+
+    delay: float | None = None
+    """Seconds to wait for the first attempt before hedging; None: the method's observed
+    p95 latency (no hedging until `min_samples` calls have been timed)."""
+
+    min_samples: int = 20
+    """With `delay=None`: calls timed before the observed p95 is trusted."""
+
+    def __post_init__(self) -> None:
+        if self.delay is not None:
+            _check_positive("hedging.delay", self.delay)
+        _check_int("hedging.min_samples", self.min_samples, low=1, high=1_000_000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """When a failed call is tried again (gRPC A6's numbers).
+
+    A method is taken to be non-idempotent unless `idempotent=True`: then only a call that
+    provably never reached a server (no connection; a stream the server refused unseen)
+    is sent again, as a requeue. An idempotent method is also retried on `codes`, and when
+    `attempt_timeout` runs out, up to `max_attempts` attempts, each after a backoff and on
+    another endpoint when there is one. The caller's deadline bounds it all: an attempt
+    that cannot finish before it is not started.
+    """
+
+    idempotent: bool = False
+    """Safe to run twice: a retry after the server may have acted on the request is fine."""
+
+    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+    """Status codes an idempotent method is retried on."""
+
+    max_attempts: int = 3
+    """Attempts in all, the first included (requeues do not count)."""
+
+    initial_backoff: float = 0.1
+    """Seconds before the first retry; each further one waits `backoff_multiplier` times longer."""
+
+    backoff_multiplier: float = 2.0
+    max_backoff: float = 1.0
+    """The longest backoff, before jitter."""
+
+    jitter: float = 0.2
+    """Each backoff varies by up to this share either way."""
+
+    attempt_timeout: float | None = None
+    """Seconds one attempt may take before it is abandoned and (if idempotent) retried;
+    None: each attempt may use what is left of the caller's deadline."""
+
+    hedging: Hedging | None = None
+    """Opt-in hedged requests for this method (requires `idempotent=True`)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.idempotent, bool):
+            raise ConfigError("retry.idempotent", self.idempotent, "must be True or False")
+        object.__setattr__(self, "codes", _status_codes("retry.codes", self.codes))
+        _check_int("retry.max_attempts", self.max_attempts, low=1, high=10)
+        _check_positive("retry.initial_backoff", self.initial_backoff)
+        _check_positive("retry.max_backoff", self.max_backoff)
+        if isinstance(self.backoff_multiplier, bool) or not isinstance(self.backoff_multiplier, int | float):
+            raise ConfigError("retry.backoff_multiplier", self.backoff_multiplier, "must be a number")
+        if not 1 <= self.backoff_multiplier <= 10:
+            raise ConfigError("retry.backoff_multiplier", self.backoff_multiplier, "must be between 1 and 10")
+        if self.max_backoff < self.initial_backoff:
+            raise ConfigError("retry.max_backoff", self.max_backoff, "must be at least initial_backoff")
+        _check_jitter("retry.jitter", self.jitter)
+        if self.attempt_timeout is not None:
+            _check_positive("retry.attempt_timeout", self.attempt_timeout)
+        if self.hedging is not None:
+            if not isinstance(self.hedging, Hedging):
+                raise ConfigError("retry.hedging", self.hedging, "must be a poolkit.Hedging or None")
+            if not self.idempotent:
+                raise ConfigError("retry.hedging", self.hedging, "hedging sends a call twice: needs idempotent=True")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryBudget:
+    """How many retries, requeues and hedges the whole channel may send (Finagle, Linkerd):
+    `ratio` of the calls made plus `min_per_second`, over a sliding `window`. A retry the
+    budget refuses is not sent; the caller gets the error it would have retried."""
+
+    ratio: float = DEFAULT_RATIO
+    min_per_second: float = DEFAULT_MIN_PER_SECOND
+    window: float = DEFAULT_WINDOW
+
+    def __post_init__(self) -> None:
+        validate_budget(self.ratio, self.min_per_second, self.window)
+
+
+def _is_method_key(key: object) -> bool:
+    """'/package.Service/Method' or 'package.Service'."""
+    if not isinstance(key, str) or not key or any(c.isspace() for c in key):
+        return False
+    if key.startswith("/"):
+        service, _, method = key[1:].partition("/")
+        return bool(service) and bool(method) and "/" not in method
+    return "/" not in key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +270,27 @@ class PoolConfig:
     """A callable that, given the target string, returns the endpoints' "host:port"
     addresses, for service registries. Called at construction and then like DNS."""
 
+    retry: RetryPolicy | None = field(default_factory=RetryPolicy)
+    """The retry policy of every method not named in `method_retry`. The default retries
+    nothing that may have reached a server; None turns requeues off too."""
+
+    method_retry: Mapping[str, RetryPolicy | None] = field(default_factory=dict)
+    """Retry policies by full method name ("/package.Service/Method") or by service
+    ("package.Service"); the method's own entry wins over its service's. None: no retries."""
+
+    retry_budget: RetryBudget = field(default_factory=RetryBudget)
+    """What retries, requeues and hedges may add to the calls made, shared by the channel."""
+
+    def retry_policy(self, method: str) -> RetryPolicy | None:
+        """The policy for a full method name: its own, its service's, or `retry`."""
+        table = self.method_retry
+        if method in table:
+            return table[method]
+        service = method[1:].partition("/")[0]
+        if service in table:
+            return table[service]
+        return self.retry
+
     def __post_init__(self) -> None:
         if self.balancer not in BALANCERS:
             raise ConfigError("balancer", self.balancer, f"must be one of {', '.join(BALANCERS)}")
@@ -200,6 +316,23 @@ class PoolConfig:
             _check_positive("resolve_interval", self.resolve_interval)
         if self.resolver is not None and not callable(self.resolver):
             raise ConfigError("resolver", self.resolver, "must be a callable taking the target, or None")
+        self._check_retry()
+
+    def _check_retry(self) -> None:
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise ConfigError("retry", self.retry, "must be a poolkit.RetryPolicy or None")
+        if not isinstance(self.method_retry, Mapping):
+            raise ConfigError(
+                "method_retry", self.method_retry, "must be a mapping of method or service name to policy"
+            )
+        for key, policy in self.method_retry.items():
+            if not _is_method_key(key):
+                raise ConfigError("method_retry", key, "keys must be '/package.Service/Method' or 'package.Service'")
+            if policy is not None and not isinstance(policy, RetryPolicy):
+                raise ConfigError(f"method_retry[{key!r}]", policy, "must be a poolkit.RetryPolicy or None")
+        object.__setattr__(self, "method_retry", MappingProxyType(dict(self.method_retry)))
+        if not isinstance(self.retry_budget, RetryBudget):
+            raise ConfigError("retry_budget", self.retry_budget, "must be a poolkit.RetryBudget")
 
 
 def _check_int(name: str, value: object, *, low: int, high: int) -> None:
@@ -221,3 +354,20 @@ def _check_share(name: str, value: object) -> None:
         raise ConfigError(name, value, "must be a number")
     if not 0 <= value <= 1:
         raise ConfigError(name, value, "must be between 0 and 1")
+
+
+def _check_jitter(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError(name, value, "must be a number from 0 up to (not including) 1")
+
+
+def _status_codes(name: str, codes: object) -> frozenset[grpc.StatusCode]:
+    if isinstance(codes, grpc.StatusCode | str) or not isinstance(codes, Iterable):
+        raise ConfigError(name, codes, "must be a set of grpc.StatusCode")
+    result = frozenset(codes)
+    for code in result:
+        if not isinstance(code, grpc.StatusCode):
+            raise ConfigError(name, code, "must be a grpc.StatusCode")
+    if grpc.StatusCode.OK in result:
+        raise ConfigError(name, codes, "cannot include OK: OK is not a failure")
+    return result

@@ -28,6 +28,7 @@ import grpc
 from . import _health
 from ._accrual import Accrual
 from ._balancer import Picker, PowerOfTwoChoices, RoundRobin
+from ._budget import TokenBudget
 from ._config import PoolConfig
 from ._errors import PoolClosedError, PoolUnavailableError
 from ._metric import LeastLoaded, LoadMetric, PeakEwma
@@ -57,6 +58,11 @@ _PROBE_OPEN = 2  # the next call goes there
 _PROBE_SENT = 3  # that call is in flight
 
 _TRANSITIONS_KEPT = 64
+
+# What the retry budget pays for.
+RETRY = "retries"
+REQUEUE = "requeues"
+HEDGE = "hedges"
 
 
 class Slot:
@@ -196,6 +202,13 @@ class PoolState:
             maxlen=_TRANSITIONS_KEPT
         )
         self._picker: Picker[Route] = RoundRobin(rng) if config.balancer == "round_robin" else PowerOfTwoChoices(rng)
+        budget = config.retry_budget
+        self.budget = TokenBudget(
+            ratio=budget.ratio, min_per_second=budget.min_per_second, window=budget.window, now=clock()
+        )
+        # What the budget let through, by kind, and what it refused.
+        self.sent_again = {RETRY: 0, REQUEUE: 0, HEDGE: 0}
+        self.budget_refused = 0
         self.routes = self.new_routes(endpoints)
         self._refresh(clock(), "")
 
@@ -228,6 +241,7 @@ class PoolState:
             if self.closed:
                 raise PoolClosedError(f"poolkit channel to {self.target} is closed")
             now = self.clock()
+            self.budget.deposit(now)
             if now >= self._next_expiry:
                 self._end_ejections(now)
             if self._probes and (route := self._probes.popleft()).probe == _PROBE_OPEN and not route.draining:
@@ -244,6 +258,53 @@ class PoolState:
             slot.pending += 1
             route.metric.pending += 1
         return slot
+
+    def spend(self, kind: str) -> bool:
+        """May a retry, requeue or hedge (`kind`) be sent now? Counts it if so, and the
+        refusal if not."""
+        with self._lock:
+            if self.budget.try_withdraw(self.clock()):
+                self.sent_again[kind] += 1
+                return True
+            self.budget_refused += 1
+            return False
+
+    def begin_again(self, wait_for_ready: bool | None, tried: set[Route], *, fresh_only: bool = False) -> Slot:
+        """`begin` for a retry, requeue or hedge: the budget is not paid into again, and
+        a route the call has not tried yet is preferred when one is in rotation (with
+        `fresh_only`, required: `PoolUnavailableError` if there is none)."""
+        with self._lock:
+            if self.closed:
+                raise PoolClosedError(f"poolkit channel to {self.target} is closed")
+            now = self.clock()
+            if now >= self._next_expiry:
+                self._end_ejections(now)
+            fresh = [r for r in self._in_rotation if r not in tried]
+            if len(fresh) > 1:
+                route = self._picker.pick(now)
+                if route in tried:
+                    route = fresh[int(self.rng.random() * len(fresh))]
+            elif fresh:
+                route = fresh[0]
+            elif fresh_only:
+                raise PoolUnavailableError(f"poolkit channel to {self.target}: no other endpoint to try")
+            elif self._in_rotation:
+                route = self._picker.pick(now)
+            elif wait_for_ready and self._fallback:
+                route = self._fallback[int(self.rng.random() * len(self._fallback))]
+            else:
+                raise PoolUnavailableError(self._why_unavailable(now))
+            tried.add(route)
+            live = route.live
+            slot = live[0] if len(live) == 1 else min(live, key=_slot_pending)
+            slot.pending += 1
+            route.metric.pending += 1
+        return slot
+
+    def has_untried(self, tried: set[Route]) -> bool:
+        """Whether a route in rotation is not among `tried` (somewhere for a hedge to go)."""
+        with self._lock:
+            return any(route not in tried for route in self._in_rotation)
 
     def end(self, slot: Slot, started: float | None, code: grpc.StatusCode | None = None) -> None:
         """A call on `slot` finished with `code` (None for OK). `started` is the clock when
@@ -466,6 +527,11 @@ class PoolState:
                 "state": "closed" if self.closed else self.connectivity.name.lower(),
                 "in_flight": self.in_flight,
                 "panic": self.panic,
+                "retry_budget": {
+                    **self.sent_again,
+                    "refused": self.budget_refused,
+                    "balance": round(self.budget.balance(now), 3),
+                },
                 "endpoints": [_describe_route(route, now) for route in self.routes],
                 "transitions": [
                     {"ago_s": round(now - at, 3), "endpoint": address, "from": old, "to": new, "why": why}

@@ -13,6 +13,7 @@ from ._config import PoolConfig
 from ._discovery import Discovery
 from ._errors import ConfigError
 from ._pool import PoolState, Route, Slot
+from ._retry import Plan
 from ._target import Endpoint
 
 # How often the discovery loop looks while routes drain or a re-resolution is wanted,
@@ -33,6 +34,10 @@ def slot_options(endpoint: Endpoint, options: ChannelOptions) -> list[tuple[str,
         # through grpc's global subchannel pool, and N slots would be one.
         ("grpc.use_local_subchannel_pool", 1),
     ]
+    if "grpc.enable_retries" not in names:
+        # poolkit retries (and requeues what grpc would retry transparently) itself; grpc's
+        # own retry layer would also strip the `grpc-previous-rpc-attempts` poolkit sends.
+        extra.append(("grpc.enable_retries", 0))
     if "grpc.default_authority" not in names:
         # The slot dials an IP literal; servers (and TLS) should still see the service name.
         extra.append(("grpc.default_authority", endpoint.authority))
@@ -74,6 +79,7 @@ class Pooled:
         self._pool = PoolState(self._discovery.target, endpoints, config, clock=clock, rng=rng)
         self._pool.resolver_error = self._discovery.last_error
         self._method_ids: dict[tuple[Any, ...], int] = {}
+        self._plans: dict[str, Plan] = {}
         self._lock = threading.Lock()
 
     # -- discovery, shared by both shells -----------------------------------------------
@@ -123,6 +129,15 @@ class Pooled:
         snapshot["resolver"] = self._discovery.describe()
         return snapshot
 
+    def _plan(self, method: str) -> Plan:
+        """The retry plan of `method`, built on first use and shared by its multicallables
+        (so hedging's latency window sees every call of the method)."""
+        with self._lock:
+            plan = self._plans.get(method)
+            if plan is None:
+                plan = self._plans[method] = Plan(self.config.retry_policy(method), self._pool.rng)
+            return plan
+
     def _method_id(self, key: tuple[Any, ...]) -> int:
         with self._lock:
             return self._method_ids.setdefault(key, len(self._method_ids))
@@ -136,7 +151,18 @@ class Pooled:
 class MultiCallableBase:
     """What every multicallable shares: the method, and each slot's own grpc multicallable."""
 
-    __slots__ = ("_clock", "_deserializer", "_id", "_kind", "_method", "_pool", "_registered", "_serializer")
+    __slots__ = (
+        "_clock",
+        "_deserializer",
+        "_id",
+        "_kind",
+        "_method",
+        "_plan",
+        "_pool",
+        "_registered",
+        "_serializer",
+        "_special",
+    )
 
     def __init__(
         self,
@@ -157,6 +183,10 @@ class MultiCallableBase:
         self._deserializer = response_deserializer
         self._registered = registered
         self._id = channel._method_id((kind, method, request_serializer, response_deserializer, registered))
+        self._plan = plan = channel._plan(method)
+        # Whether a call needs more than one plain attempt from the start: hedged, or each
+        # attempt under its own timeout. Plain calls test this one flag and go straight on.
+        self._special = plan.hedging is not None or plan.attempt_timeout is not None
 
     def _bind(self, slot: Slot) -> Any:
         """This method on `slot`'s grpc channel, made on first use and kept."""

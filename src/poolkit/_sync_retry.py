@@ -1,0 +1,315 @@
+"""The sync shell's retry loops: they sleep and send, `_retry.Plan` decides.
+
+Entered only once a call has failed (or, for hedged methods and attempt timeouts, from
+the start): a call that succeeds first time never comes here.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from ._errors import PoolUnavailableError
+from ._pool import HEDGE, REQUEUE, RETRY, Slot
+from ._retry import REQUEUE as REQUEUE_NOW
+from ._retry import Attempts, with_attempts
+
+if TYPE_CHECKING:
+    from ._channel import _MultiCallable
+
+_OK = grpc.StatusCode.OK
+_CANCELLED = grpc.StatusCode.CANCELLED
+_UNKNOWN = grpc.StatusCode.UNKNOWN
+
+
+def replayable(request: Any, streaming_request: bool) -> bool:
+    """Whether the request can be sent again: a single message can; a request stream only
+    if it is a sequence (a list, a tuple) that iterates afresh, not a one-shot iterator."""
+    return not streaming_request or (isinstance(request, Sequence) and not isinstance(request, str | bytes))
+
+
+def resend(request: Any, streaming_request: bool) -> Any:
+    return iter(request) if streaming_request else request
+
+
+def next_slot(
+    multicallable: _MultiCallable, state: Attempts, error: grpc.RpcError, wait_for_ready: bool | None
+) -> tuple[Slot, float | None]:
+    """Wait out the plan's backoff and take the next attempt's slot and timeout; raise
+    `error` when the plan, the budget, the deadline or the pool says no."""
+    pool, plan, clock = multicallable._pool, multicallable._plan, multicallable._clock
+    delay = plan.decide(state, error, clock())
+    if delay is None or not pool.spend(REQUEUE if delay == REQUEUE_NOW else RETRY):
+        raise error
+    if delay > 0:
+        time.sleep(delay)
+    timeout = plan.next_timeout(state, delay, clock())
+    if timeout is not None and timeout <= 0:
+        raise error
+    try:
+        slot = pool.begin_again(wait_for_ready, state.tried)
+    except PoolUnavailableError:
+        raise error from None
+    return slot, timeout
+
+
+def retry_blocking(
+    multicallable: _MultiCallable,
+    error: grpc.RpcError,
+    state: Attempts,
+    attribute: str | None,
+    request: Any,
+    metadata: Any,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+    streaming_request: bool,
+) -> Any:
+    """Send a failed blocking call (`__call__`, or `with_call` by `attribute`) again while
+    the plan allows; its result, or the last attempt's error."""
+    if not replayable(request, streaming_request):
+        raise error
+    pool, clock = multicallable._pool, multicallable._clock
+    while True:
+        slot, timeout = next_slot(multicallable, state, error, wait_for_ready)
+        bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+        send = getattr(bound, attribute) if attribute else bound
+        started = None if streaming_request else clock()
+        try:
+            result = send(
+                resend(request, streaming_request),
+                timeout,
+                with_attempts(metadata, state.previous),
+                credentials,
+                wait_for_ready,
+                compression,
+            )
+        except grpc.RpcError as failure:
+            pool.end(slot, started, failure.code())
+            error = failure
+            continue
+        except BaseException:
+            pool.end(slot, None, _UNKNOWN)
+            raise
+        pool.end(slot, started)
+        return result
+
+
+def first_attempt_special(
+    multicallable: _MultiCallable,
+    attribute: str | None,
+    request: Any,
+    timeout: float | None,
+    metadata: Any,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+) -> Any:
+    """A unary call of a method that is hedged or has an attempt timeout."""
+    plan, pool, clock = multicallable._plan, multicallable._pool, multicallable._clock
+    hedge_after = plan.hedge_delay()
+    if hedge_after is not None:
+        return _hedged(
+            multicallable, hedge_after, attribute, request, timeout, metadata, credentials, wait_for_ready, compression
+        )
+    now = clock()
+    state = plan.first(now, timeout, None)
+    attempt_timeout = plan.first_timeout(state, now)
+    slot = pool.begin(wait_for_ready)
+    state.tried.add(slot.route)
+    bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+    send = getattr(bound, attribute) if attribute else bound
+    try:
+        result = send(request, attempt_timeout, metadata, credentials, wait_for_ready, compression)
+    except grpc.RpcError as error:
+        pool.end(slot, now, error.code())
+        return retry_blocking(
+            multicallable, error, state, attribute, request, metadata, credentials, wait_for_ready, compression, False
+        )
+    except BaseException:
+        pool.end(slot, None, _UNKNOWN)
+        raise
+    finished = clock()
+    pool.end(slot, now)
+    if plan.latency is not None:
+        plan.latency.add(finished - now)
+    return result
+
+
+def _hedged(
+    multicallable: _MultiCallable,
+    hedge_after: float,
+    attribute: str | None,
+    request: Any,
+    timeout: float | None,
+    metadata: Any,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+) -> Any:
+    """Send the call; if no answer came within `hedge_after`, send it to another endpoint
+    too (budget allowing). The first success wins and the other attempt is cancelled; if
+    both fail, the last failure goes through the ordinary retry decisions."""
+    plan, pool, clock = multicallable._plan, multicallable._pool, multicallable._clock
+    now = clock()
+    state = plan.first(now, timeout, None)
+    finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    running: list[Any] = []
+
+    def launch(slot: Slot, attempt_timeout: float | None, attempt_metadata: Any) -> None:
+        bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+        started = clock()
+        try:
+            future = bound.future(request, attempt_timeout, attempt_metadata, credentials, wait_for_ready, compression)
+        except BaseException:
+            pool.end(slot, None, _UNKNOWN)
+            raise
+        running.append(future)
+
+        def done(future: Any) -> None:
+            code = future.code()
+            pool.end(slot, started, None if code is _OK else code)
+            finished.put((future, started))
+
+        future.add_done_callback(done)
+
+    slot = pool.begin(wait_for_ready)
+    state.tried.add(slot.route)
+    launch(slot, plan.first_timeout(state, now), metadata)
+    pending = 1
+    try:
+        first = finished.get(timeout=hedge_after)
+    except queue.Empty:
+        first = None
+        hedge_slot = _hedge_slot(multicallable, state, wait_for_ready)
+        if hedge_slot is not None:
+            launch(hedge_slot, plan.first_timeout(state, clock()), with_attempts(metadata, 1))
+            pending += 1
+    while True:
+        future, started = first if first is not None else finished.get()
+        first = None
+        pending -= 1
+        if future.code() is _OK:
+            for other in running:
+                if other is not future:
+                    other.cancel()
+            if plan.latency is not None:
+                plan.latency.add(clock() - started)
+            response = future.result()
+            return (response, future) if attribute == "with_call" else response
+        if pending == 0:
+            break
+    error = future.exception()
+    return retry_blocking(
+        multicallable, error, state, attribute, request, metadata, credentials, wait_for_ready, compression, False
+    )
+
+
+if TYPE_CHECKING:  # grpc-stubs makes Future generic; grpc itself does not
+    _FutureBase = grpc.Future[Any]
+else:
+    _FutureBase = grpc.Future
+
+
+def _hedge_slot(multicallable: _MultiCallable, state: Attempts, wait_for_ready: bool | None) -> Slot | None:
+    """The slot for a hedge, on an endpoint the call has not tried, if the deadline and
+    the budget allow one; the hedge counts as the call's next attempt."""
+    pool = multicallable._pool
+    if state.deadline is not None and state.deadline <= multicallable._clock():
+        return None
+    if not pool.has_untried(state.tried) or not pool.spend(HEDGE):
+        return None
+    try:
+        slot = pool.begin_again(wait_for_ready, state.tried, fresh_only=True)
+    except PoolUnavailableError:
+        return None
+    state.prepare_for_next_attempt()
+    return slot
+
+
+class RetryingStream(grpc.Call, _FutureBase):
+    """A response stream that is sent again, while no response has been read, when the
+    plan allows; once a response has been read, errors go to the caller as they come.
+
+    Holds grpc's call object of the current attempt and passes everything else to it.
+    """
+
+    __slots__ = ("_call", "_received", "_restart")
+
+    def __init__(self, call: Any, restart: Callable[[grpc.RpcError], Any]) -> None:
+        self._call = call
+        self._restart = restart  # given the failed attempt's error: the next attempt's call, or raises
+        self._received = False
+
+    def __iter__(self) -> RetryingStream:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            try:
+                message = next(self._call)
+            except grpc.RpcError as error:
+                if self._received:
+                    raise
+                self._call = self._restart(error)
+                continue
+            self._received = True
+            return message
+
+    next = __next__
+
+    # grpc.Call and grpc.Future: the current attempt's.
+    def initial_metadata(self) -> Any:
+        return self._call.initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._call.trailing_metadata()
+
+    def code(self) -> Any:
+        return self._call.code()
+
+    def details(self) -> Any:
+        return self._call.details()
+
+    def debug_error_string(self) -> Any:
+        return self._call.debug_error_string()
+
+    def is_active(self) -> bool:
+        return self._call.is_active()  # type: ignore[no-any-return]
+
+    def time_remaining(self) -> Any:
+        return self._call.time_remaining()
+
+    def cancel(self) -> bool:
+        return self._call.cancel()  # type: ignore[no-any-return]
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return self._call.add_callback(callback)  # type: ignore[no-any-return]
+
+    def cancelled(self) -> bool:
+        return self._call.cancelled()  # type: ignore[no-any-return]
+
+    def running(self) -> bool:
+        return self._call.running()  # type: ignore[no-any-return]
+
+    def done(self) -> bool:
+        return self._call.done()  # type: ignore[no-any-return]
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._call.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> Any:
+        return self._call.exception(timeout)
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return self._call.traceback(timeout)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        self._call.add_done_callback(fn)
+
+    def __repr__(self) -> str:
+        return repr(self._call)
