@@ -401,7 +401,8 @@ def test_pool_spreads_calls_over_a_routes_slots(clock: FakeClock, rng: random.Ra
         (grpc.StatusCode.UNAVAILABLE, False),
         (grpc.StatusCode.INTERNAL, False),
         (grpc.StatusCode.NOT_FOUND, False),
-        (grpc.StatusCode.CANCELLED, False),
+        # Cancelled unanswered after longer than the estimate (a hedge's loser): at least that slow.
+        (grpc.StatusCode.CANCELLED, True),
     ],
     ids=lambda v: getattr(v, "name", str(v)),
 )
@@ -421,6 +422,22 @@ def test_latency_is_sampled_only_for_successes_and_deadlines(
         assert metric.load(clock()) == pytest.approx(0.250, rel=1e-3)
     else:
         assert metric.load(clock()) == 0.0  # still unsampled: an idle unknown route is free
+
+
+def test_a_quick_cancel_does_not_flatter_a_slow_route(clock: FakeClock, rng: random.Random) -> None:
+    """A call cancelled sooner than the route's estimate says nothing: the estimate stays."""
+    pool = make_pool(clock, rng, endpoints=1)
+    metric = pool.routes[0].metric
+    slot = pool.begin()
+    started = clock()
+    clock.advance(0.200)
+    pool.end(slot, started)
+    slot = pool.begin()
+    started = clock()
+    clock.advance(0.001)
+    pool.end(slot, started, grpc.StatusCode.CANCELLED)
+
+    assert metric.estimate(clock()) == pytest.approx(0.200, rel=0.01)
 
 
 def test_no_latency_sample_without_a_start_time(clock: FakeClock, rng: random.Random) -> None:

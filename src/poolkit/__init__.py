@@ -9,7 +9,7 @@
 
 from . import aio
 from ._channel import Channel, insecure_channel, secure_channel
-from ._config import FailureAccrual, HealthCheck, PoolConfig
+from ._config import FailureAccrual, HealthCheck, Hedging, PoolConfig, RetryBudget, RetryPolicy
 from ._errors import ConfigError, PoolClosedError, PoolkitError, PoolUnavailableError
 from ._version import __version__
 
@@ -18,10 +18,13 @@ __all__ = [
     "ConfigError",
     "FailureAccrual",
     "HealthCheck",
+    "Hedging",
     "PoolClosedError",
     "PoolConfig",
     "PoolUnavailableError",
     "PoolkitError",
+    "RetryBudget",
+    "RetryPolicy",
     "__version__",
     "aio",
     "insecure_channel",

@@ -16,7 +16,7 @@ import functools
 import random
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 import grpc
@@ -25,8 +25,11 @@ import grpc.aio
 from ._aio_watch import check_health, discover, follow_connectivity
 from ._config import PoolConfig
 from ._errors import ConfigError, PoolClosedError, PoolUnavailableError
-from ._pool import Route, Slot
-from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
+from ._pool import REQUEUE, RETRY, Route, Slot
+from ._retry import REQUEUE as REQUEUE_NOW
+from ._retry import Attempts, with_attempts
+from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options, take_hedge_slot
+from ._sync_retry import replayable
 from ._target import Endpoint
 
 _OK = grpc.StatusCode.OK
@@ -40,6 +43,8 @@ if TYPE_CHECKING:  # grpc-stubs makes the multicallables generic; grpc itself do
     _StreamStreamBase = grpc.aio.StreamStreamMultiCallable[Any, Any]
     _UnaryStreamCallBase = grpc.aio.UnaryStreamCall[Any, Any]
     _StreamStreamCallBase = grpc.aio.StreamStreamCall[Any, Any]
+    _UnaryUnaryCallBase = grpc.aio.UnaryUnaryCall[Any, Any]
+    _StreamUnaryCallBase = grpc.aio.StreamUnaryCall[Any, Any]
 else:
     _UnaryUnaryBase = grpc.aio.UnaryUnaryMultiCallable
     _UnaryStreamBase = grpc.aio.UnaryStreamMultiCallable
@@ -47,6 +52,8 @@ else:
     _StreamStreamBase = grpc.aio.StreamStreamMultiCallable
     _UnaryStreamCallBase = grpc.aio.UnaryStreamCall
     _StreamStreamCallBase = grpc.aio.StreamStreamCall
+    _UnaryUnaryCallBase = grpc.aio.UnaryUnaryCall
+    _StreamUnaryCallBase = grpc.aio.StreamUnaryCall
 
 
 class AioPoolUnavailableError(grpc.aio.AioRpcError, PoolUnavailableError):  # type: ignore[misc]
@@ -299,6 +306,7 @@ class _MultiCallable(MultiCallableBase):
     # sample (unary responses) and whether its caller gets the cancelling stream proxy.
     _sample_latency = False
     _streaming = False
+    _streaming_request = False
 
     def _start(
         self,
@@ -318,8 +326,12 @@ class _MultiCallable(MultiCallableBase):
             raise AioPoolClosedError(error.details(), error.code()) from None
         except PoolUnavailableError as error:
             raise AioPoolUnavailableError(error.details(), error.code()) from None
+        started = self._clock()
+        if self._special and self._sample_latency:
+            return _UnaryCall.special(
+                self, slot, started, (request, timeout, metadata, credentials, wait_for_ready, compression)
+            )
         bound = slot.callables.get(self._id) or self._bind(slot)
-        started = self._clock() if self._sample_latency else None
         try:
             call = bound(
                 request,
@@ -332,8 +344,53 @@ class _MultiCallable(MultiCallableBase):
         except BaseException:
             pool.end(slot, None, _UNKNOWN)
             raise
+        call.add_done_callback(functools.partial(self._end_call, slot, started if self._sample_latency else None))
+        if not self._plan.requeues or not replayable(request, self._streaming_request):
+            return _Stream(call, None) if self._streaming else call
+        args = (request, timeout, metadata, credentials, wait_for_ready, compression)
+        if self._streaming:
+            return _Stream(call, _Restart(self, started, slot, args))
+        return _UnaryCall(call, self, started, slot, args)
+
+    def _send(self, slot: Slot, args: _Args, timeout: float | None, metadata: Any) -> Any:
+        """Start one attempt on a slot already taken, its outcome reported to the pool."""
+        request, _, _, credentials, wait_for_ready, compression = args
+        bound = slot.callables.get(self._id) or self._bind(slot)
+        try:
+            call = bound(
+                request,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
+        except BaseException:
+            self._pool.end(slot, None, _UNKNOWN)
+            raise
+        started = self._clock() if self._sample_latency else None
         call.add_done_callback(functools.partial(self._end_call, slot, started))
-        return _Stream(call) if self._streaming else call
+        return call
+
+    async def _next_call(self, state: Attempts, error: BaseException, args: _Args) -> Any:
+        """Wait out the plan's backoff and start the next attempt; raise `error` when the
+        plan, the budget, the deadline or the pool says no."""
+        if not isinstance(error, grpc.aio.AioRpcError):
+            raise error
+        pool, plan, clock = self._pool, self._plan, self._clock
+        delay = plan.decide(state, error, clock())
+        if delay is None or not pool.spend(REQUEUE if delay == REQUEUE_NOW else RETRY):
+            raise error
+        if delay > 0:
+            await asyncio.sleep(delay)
+        timeout = plan.next_timeout(state, delay, clock())
+        if timeout is not None and timeout <= 0:
+            raise error
+        try:
+            slot = pool.begin_again(args[4], state.tried)
+        except PoolUnavailableError:
+            raise error from None
+        return self._send(slot, args, timeout, with_attempts(args[2], state.previous))
 
     def _end_call(self, slot: Slot, started: float | None, call: Any) -> None:
         # The status of a finished call, read without suspending: `call.code()` is a
@@ -349,6 +406,164 @@ class _MultiCallable(MultiCallableBase):
             status.close()
             code = _UNKNOWN
         self._pool.end(slot, started, None if code is _OK else code)
+
+
+_Args = tuple[Any, float | None, Any, grpc.CallCredentials | None, bool | None, grpc.Compression | None]
+
+
+class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
+    """A unary-response call that may be sent again: awaiting it awaits the current
+    attempt, and on a failure the plan allows, the next one. Everything else is the
+    current attempt's (grpc's call object)."""
+
+    __slots__ = ("_args", "_call", "_hedge_after", "_multicallable", "_route", "_started", "_state")
+
+    def __init__(
+        self, call: Any, multicallable: _MultiCallable, started: float, slot: Slot | None, args: _Args
+    ) -> None:
+        self._call = call
+        self._multicallable = multicallable
+        self._started = started
+        self._route = slot.route if slot is not None else None
+        self._args = args
+        self._state: Attempts | None = None
+        self._hedge_after: float | None = None
+
+    @classmethod
+    def special(cls, multicallable: _MultiCallable, slot: Slot, started: float, args: _Args) -> _UnaryCall:
+        """The first attempt of a hedged method, or one whose attempts have their own timeout."""
+        plan = multicallable._plan
+        state = plan.first(started, args[1], slot.route)
+        call = multicallable._send(slot, args, plan.first_timeout(state, started), args[2])
+        self = cls(call, multicallable, started, slot, args)
+        self._state = state
+        self._hedge_after = plan.hedge_delay()
+        return self
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if self._hedge_after is not None:
+            return (yield from self._hedged().__await__())
+        try:
+            response = yield from self._call.__await__()
+        except grpc.aio.AioRpcError as error:
+            return (yield from self._again(error).__await__())
+        latency = self._multicallable._plan.latency
+        if latency is not None:
+            latency.add(self._multicallable._clock() - self._started)
+        return response
+
+    async def _again(self, error: BaseException) -> Any:
+        multicallable = self._multicallable
+        state = self._state
+        if state is None:
+            state = self._state = multicallable._plan.first(self._started, self._args[1], self._route)
+        while True:
+            self._call = call = await multicallable._next_call(state, error, self._args)
+            try:
+                return await call
+            except grpc.aio.AioRpcError as failure:
+                error = failure
+
+    async def _hedged(self) -> Any:
+        multicallable, state = self._multicallable, self._state
+        assert state is not None
+        assert self._hedge_after is not None
+        started = multicallable._clock()
+        attempts = {asyncio.ensure_future(_outcome(self._call)): (self._call, started)}
+        try:
+            done, _ = await asyncio.wait(attempts, timeout=self._hedge_after)
+            if not done:
+                slot = take_hedge_slot(multicallable, state, self._args[4])
+                if slot is not None:
+                    now = multicallable._clock()
+                    timeout = multicallable._plan.first_timeout(state, now)
+                    call = multicallable._send(slot, self._args, timeout, with_attempts(self._args[2], 1))
+                    attempts[asyncio.ensure_future(_outcome(call))] = (call, now)
+            error: BaseException | None = None
+            while attempts:
+                done, _ = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    call, began = attempts.pop(task)
+                    response, error = task.result()
+                    if error is None:
+                        self._call = call
+                        latency = multicallable._plan.latency
+                        if latency is not None:
+                            latency.add(multicallable._clock() - began)
+                        return response
+                    self._call = call
+        finally:
+            for task, (call, _) in attempts.items():
+                call.cancel()
+                task.cancel()
+        assert error is not None
+        return await self._again(error)
+
+    # grpc.aio.Call: the current attempt's.
+    async def initial_metadata(self) -> Any:
+        return await self._call.initial_metadata()
+
+    async def trailing_metadata(self) -> Any:
+        return await self._call.trailing_metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        return await self._call.code()  # type: ignore[no-any-return]
+
+    async def details(self) -> str:
+        return await self._call.details()  # type: ignore[no-any-return]
+
+    async def wait_for_connection(self) -> None:
+        await self._call.wait_for_connection()
+
+    async def write(self, request: Any) -> None:
+        await self._call.write(request)
+
+    async def done_writing(self) -> None:
+        await self._call.done_writing()
+
+    def cancelled(self) -> bool:
+        return self._call.cancelled()  # type: ignore[no-any-return]
+
+    def done(self) -> bool:
+        return self._call.done()  # type: ignore[no-any-return]
+
+    def time_remaining(self) -> float | None:
+        return self._call.time_remaining()  # type: ignore[no-any-return]
+
+    def cancel(self) -> bool:
+        return self._call.cancel()  # type: ignore[no-any-return]
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._call.add_done_callback(callback)
+
+    def __repr__(self) -> str:
+        return repr(self._call)
+
+
+async def _outcome(call: Any) -> tuple[Any, BaseException | None]:
+    """An attempt's response or error, for waiting on several attempts at once."""
+    try:
+        return await call, None
+    except grpc.aio.AioRpcError as error:
+        return None, error
+
+
+class _Restart:
+    """What a response stream needs to be sent again before its first message."""
+
+    __slots__ = ("_args", "_multicallable", "_started", "_state", "route")
+
+    def __init__(self, multicallable: _MultiCallable, started: float, slot: Slot, args: _Args) -> None:
+        self._multicallable = multicallable
+        self._started = started
+        self.route = slot.route
+        self._args = args
+        self._state: Attempts | None = None
+
+    async def next_call(self, error: BaseException) -> Any:
+        if self._state is None:
+            self._state = self._multicallable._plan.first(self._started, self._args[1], self.route)
+        return await self._multicallable._next_call(self._state, error, self._args)
 
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
@@ -385,6 +600,7 @@ class _UnaryStream(_MultiCallable, _UnaryStreamBase):
 
 class _StreamUnary(_MultiCallable, _StreamUnaryBase):
     __slots__ = ()
+    _streaming_request = True
 
     def __call__(
         self,
@@ -401,6 +617,7 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
 class _StreamStream(_MultiCallable, _StreamStreamBase):
     __slots__ = ()
     _streaming = True
+    _streaming_request = True
 
     def __call__(
         self,
@@ -424,10 +641,11 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
     `async for reply in stub.Stream(request)` keeps the call alive while it runs.
     """
 
-    __slots__ = ("_call",)
+    __slots__ = ("_call", "_restart")
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, restart: _Restart | None) -> None:
         self._call = call
+        self._restart = restart  # until the first message: how to send the call again
 
     def __del__(self) -> None:
         call = self._call
@@ -438,6 +656,14 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
         return _Messages(self, self._call.__aiter__())
 
     async def read(self) -> Any:
+        while self._restart is not None:
+            try:
+                message = await self._call.read()
+            except grpc.aio.AioRpcError as error:
+                self._call = await self._restart.next_call(error)
+                continue
+            self._restart = None
+            return message
         return await self._call.read()
 
     async def write(self, request: Any) -> None:
@@ -493,4 +719,20 @@ class _Messages:
         return self
 
     def __anext__(self) -> Any:
-        return self._iterator.__anext__()
+        if self._stream._restart is None:
+            return self._iterator.__anext__()
+        return self._first()
+
+    async def _first(self) -> Any:
+        """The first message, sending the call again while the plan allows."""
+        stream = self._stream
+        while stream._restart is not None:
+            try:
+                message = await self._iterator.__anext__()
+            except grpc.aio.AioRpcError as error:
+                stream._call = await stream._restart.next_call(error)
+                self._iterator = stream._call.__aiter__()
+                continue
+            stream._restart = None
+            return message
+        return await self._iterator.__anext__()

@@ -321,8 +321,12 @@ class PoolState:
             metric.pending -= 1
             if code is not None:
                 slot.errors += 1
-            if started is not None and (code is None or code in _SLOW_FAILURES):
-                metric.observe(now - started, now)
+            if started is not None:
+                if code is None or code in _SLOW_FAILURES:
+                    metric.observe(now - started, now)
+                elif code is _CANCELLED and now - started > metric.estimate(now):
+                    # Cancelled unanswered (a hedge's loser, say): at least this slow.
+                    metric.observe(now - started, now)
             accrual = route.accrual
             if accrual is None:
                 pass

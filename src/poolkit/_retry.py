@@ -78,11 +78,9 @@ def pushback_of(trailing: Iterable[Any] | None) -> float | None:
     return None
 
 
-def with_attempts(metadata: Any, previous: int) -> list[tuple[str, Any]]:
+def with_attempts(metadata: Any, previous: int) -> tuple[tuple[str, Any], ...]:
     """The caller's metadata plus `grpc-previous-rpc-attempts` (gRPC A6), for attempt > 1."""
-    pairs = [(k, v) for k, v in (metadata or ()) if k != ATTEMPTS_HEADER]
-    pairs.append((ATTEMPTS_HEADER, str(previous)))
-    return pairs
+    return (*((k, v) for k, v in (metadata or ()) if k != ATTEMPTS_HEADER), (ATTEMPTS_HEADER, str(previous)))
 
 
 class Attempts(RetryCallState):

@@ -11,9 +11,9 @@ from typing import Any
 
 from ._config import PoolConfig
 from ._discovery import Discovery
-from ._errors import ConfigError
-from ._pool import PoolState, Route, Slot
-from ._retry import Plan
+from ._errors import ConfigError, PoolUnavailableError
+from ._pool import HEDGE, PoolState, Route, Slot
+from ._retry import Attempts, Plan
 from ._target import Endpoint
 
 # How often the discovery loop looks while routes drain or a re-resolution is wanted,
@@ -197,3 +197,19 @@ class MultiCallableBase:
 
     def __repr__(self) -> str:
         return f"<poolkit {self._kind} {self._method}>"
+
+
+def take_hedge_slot(multicallable: MultiCallableBase, state: Attempts, wait_for_ready: bool | None) -> Slot | None:
+    """The slot for a hedge, on an endpoint the call has not tried, if the deadline and
+    the budget allow one; the hedge counts as the call's next attempt."""
+    pool = multicallable._pool
+    if state.deadline is not None and state.deadline <= multicallable._clock():
+        return None
+    if not pool.has_untried(state.tried) or not pool.spend(HEDGE):
+        return None
+    try:
+        slot = pool.begin_again(wait_for_ready, state.tried, fresh_only=True)
+    except PoolUnavailableError:
+        return None
+    state.prepare_for_next_attempt()
+    return slot

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from ._errors import PoolUnavailableError
-from ._pool import HEDGE, REQUEUE, RETRY, Slot
+from ._pool import REQUEUE, RETRY, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, with_attempts
+from ._shell import take_hedge_slot
 
 if TYPE_CHECKING:
     from ._channel import _MultiCallable
@@ -185,7 +186,7 @@ def _hedged(
         first = finished.get(timeout=hedge_after)
     except queue.Empty:
         first = None
-        hedge_slot = _hedge_slot(multicallable, state, wait_for_ready)
+        hedge_slot = take_hedge_slot(multicallable, state, wait_for_ready)
         if hedge_slot is not None:
             launch(hedge_slot, plan.first_timeout(state, clock()), with_attempts(metadata, 1))
             pending += 1
@@ -213,22 +214,6 @@ if TYPE_CHECKING:  # grpc-stubs makes Future generic; grpc itself does not
     _FutureBase = grpc.Future[Any]
 else:
     _FutureBase = grpc.Future
-
-
-def _hedge_slot(multicallable: _MultiCallable, state: Attempts, wait_for_ready: bool | None) -> Slot | None:
-    """The slot for a hedge, on an endpoint the call has not tried, if the deadline and
-    the budget allow one; the hedge counts as the call's next attempt."""
-    pool = multicallable._pool
-    if state.deadline is not None and state.deadline <= multicallable._clock():
-        return None
-    if not pool.has_untried(state.tried) or not pool.spend(HEDGE):
-        return None
-    try:
-        slot = pool.begin_again(wait_for_ready, state.tried, fresh_only=True)
-    except PoolUnavailableError:
-        return None
-    state.prepare_for_next_attempt()
-    return slot
 
 
 class RetryingStream(grpc.Call, _FutureBase):

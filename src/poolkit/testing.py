@@ -47,6 +47,7 @@ from ._fault_proxy import FaultProxy, bracketed, split_address
 from ._proto import echo_pb2, echo_pb2_grpc
 from ._proto.echo_pb2 import EchoRequest, EchoResponse, StatsRequest, StatsResponse
 from ._proto.echo_pb2_grpc import EchoStub
+from ._retry import PUSHBACK_HEADER
 
 __all__ = [
     "ECHO_SERVICE",
@@ -91,7 +92,7 @@ class _EchoServicer(echo_pb2_grpc.EchoServicer):
         self._lock = threading.Lock()
         self._counts = _Counts()
         self._fail_code: grpc.StatusCode | None = None  # every echo call fails with it
-        self._fail_next: tuple[int, grpc.StatusCode] = (0, grpc.StatusCode.UNAVAILABLE)
+        self._fail_next: tuple[int, grpc.StatusCode, str | None] = (0, grpc.StatusCode.UNAVAILABLE, None)
 
     @property
     def fail_code(self) -> grpc.StatusCode | None:
@@ -103,22 +104,24 @@ class _EchoServicer(echo_pb2_grpc.EchoServicer):
         with self._lock:
             self._fail_code = code
 
-    def fail_next(self, count: int, code: grpc.StatusCode) -> None:
+    def fail_next(self, count: int, code: grpc.StatusCode, pushback_ms: str | None = None) -> None:
         with self._lock:
-            self._fail_next = (count, code)
+            self._fail_next = (count, code, pushback_ms)
 
     def _admit(self, context: grpc.ServicerContext) -> None:
         """Fail the call at once, counted as arrived, if the server is set to fail calls."""
         with self._lock:
-            remaining, code = self._fail_next
+            remaining, code, pushback = self._fail_next
             if remaining:
-                self._fail_next = (remaining - 1, code)
+                self._fail_next = (remaining - 1, code, pushback)
             elif self._fail_code is not None:
-                code = self._fail_code
+                code, pushback = self._fail_code, None
             else:
                 return
             self._counts.calls += 1
             self._counts.peers.add(context.peer())
+        if pushback is not None:
+            context.set_trailing_metadata(((PUSHBACK_HEADER, pushback),))
         context.abort(code, FAIL_DETAILS)
 
     def _arrive(self, request: EchoRequest, context: grpc.ServicerContext) -> None:
@@ -251,14 +254,18 @@ class EchoServer:
             raise ValueError("fail_code cannot be OK: a call cannot fail with OK")
         self._echo.fail_code = code
 
-    def fail_next(self, count: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+    def fail_next(
+        self, count: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, *, pushback_ms: str | int | None = None
+    ) -> None:
         """Fail the next `count` echo calls with `code`, whatever `fail_code` says; then
-        serve as before. `fail_next(0)` cancels what is left of an earlier count."""
+        serve as before. `fail_next(0)` cancels what is left of an earlier count. With
+        `pushback_ms`, those failures carry `grpc-retry-pushback-ms` with that value
+        (a string is sent as given, so malformed values can be tested too)."""
         if count < 0:
             raise ValueError(f"fail_next count must be 0 or more, not {count}")
         if code is grpc.StatusCode.OK:
             raise ValueError("fail_next code cannot be OK: a call cannot fail with OK")
-        self._echo.fail_next(count, code)
+        self._echo.fail_next(count, code, None if pushback_ms is None else str(pushback_ms))
 
     @property
     def calls(self) -> int:
