@@ -92,9 +92,17 @@ SLOW_DELAY = 0.020
 SERVER_WORKERS = 64
 BASELINE = "grpc-1ch"
 AIO_BASELINE = "grpc-aio-1ch"
-PARTS = ("sync", "aio", "slow")
+PARTS = ("sync", "aio", "slow", "hedge")
+# The hedging case: one server of four answers this late on this share of its calls.
+HEDGE_DELAY = 0.050
+HEDGE_SHARE = 0.1
 SETTLE = 0.1  # seconds of quiet before each measurement
 CPU_TARGET = 1.05
+# poolkit with retries (and requeues) switched off: the success path's cost of retries
+# is poolkit-1ep against this.
+NO_RETRY = "poolkit-1ep-noretry"
+AIO_NO_RETRY = "poolkit-aio-1ep-noretry"
+NO_RETRY_CONFIG = poolkit.PoolConfig(retry=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,6 +433,7 @@ def aio_cases(servers: testing.SpawnedEchoServers, calls: int) -> list[AioCase]:
         # "ipv4:", as in grpc-1ch: the address form poolkit's own connections use.
         (AIO_BASELINE, grpc.aio.insecure_channel(f"ipv4:{first}")),
         ("poolkit-aio-1ep", poolkit.aio.insecure_channel(f"ipv4:{first}")),
+        (AIO_NO_RETRY, poolkit.aio.insecure_channel(f"ipv4:{first}", config=NO_RETRY_CONFIG)),
         ("poolkit-aio-4ep", poolkit.aio.insecure_channel(servers.target)),
         (
             "grpc-aio-rr-4ep",
@@ -549,6 +558,7 @@ def bench_overhead(settings: Settings) -> list[dict[str, Any]]:
         cases = [
             stack.enter_context(grpc_single_channel(first, settings.calls)),
             stack.enter_context(poolkit_channel("poolkit-1ep", f"ipv4:{first}", settings.calls)),
+            stack.enter_context(poolkit_channel(NO_RETRY, f"ipv4:{first}", settings.calls, NO_RETRY_CONFIG)),
             stack.enter_context(poolkit_channel("poolkit-4ep", servers.target, settings.calls)),
             stack.enter_context(grpc_round_robin("grpc-rr-4ep", servers.target, settings.calls)),
             stack.enter_context(grpc_fresh_channel(first, settings.fresh_calls)),
@@ -611,6 +621,78 @@ def bench_slow_endpoint(settings: Settings) -> list[dict[str, Any]]:
                 summary[name]["slow_share"] = statistics.median(shares)
             results.append({"concurrency": concurrency, "payload": 64, "cases": summary})
     return results
+
+
+def bench_hedging(settings: Settings) -> list[dict[str, Any]]:
+    """Four in-process servers, one answering `HEDGE_DELAY` late on `HEDGE_SHARE` of its
+    calls (a GC pause, a noisy neighbour): an idempotent method without hedging, hedged
+    after the method's observed p95, and hedged after a fixed 10 ms. Latency, and the
+    extra load the hedges made (hedges per call, from the channel's own counts). Round
+    robin, so the slow server gets its quarter of the calls whatever its latency: the
+    figures show what hedging does, not what peak EWMA's avoidance already does."""
+    idempotent = poolkit.RetryPolicy(idempotent=True)
+    configs = {
+        "poolkit-no-hedge": idempotent,
+        "poolkit-hedge-p95": dataclasses.replace(idempotent, hedging=poolkit.Hedging()),
+        "poolkit-hedge-10ms": dataclasses.replace(idempotent, hedging=poolkit.Hedging(delay=0.010)),
+    }
+    calls = settings.slow_calls
+    results: list[dict[str, Any]] = []
+    with testing.start_echo_servers(4, max_workers=SERVER_WORKERS) as servers:
+        servers[3].delay = HEDGE_DELAY
+        servers[3].delay_share = HEDGE_SHARE
+        channels = {
+            name: poolkit.insecure_channel(
+                servers.target, config=poolkit.PoolConfig(retry=policy, health_check=None, balancer="round_robin")
+            )
+            for name, policy in configs.items()
+        }
+        try:
+            cases = [Case(name, testing.EchoStub(channel).Unary, calls) for name, channel in channels.items()]
+            request = testing.EchoRequest(payload=os.urandom(64))
+            concurrency = 8
+            for case in cases:
+                run_calls(
+                    case.call, request, min(settings.warmup_calls, calls), concurrency, settings.measurement_limit
+                )
+            hedges_before = {name: channel.describe()["retry_budget"]["hedges"] for name, channel in channels.items()}
+            order = random.Random("hedge")
+            samples: dict[str, list[Run]] = {case.name: [] for case in cases}
+            for index in range(settings.slow_rounds):
+                print(f"  hedging: round {index + 1}/{settings.slow_rounds}", file=sys.stderr, flush=True)
+                for case in order.sample(cases, len(cases)):
+                    samples[case.name].append(
+                        run_calls(case.call, request, calls, concurrency, settings.measurement_limit)
+                    )
+            summary: dict[str, dict[str, Any]] = {}
+            for name, runs in samples.items():
+                made = sum(len(r.latencies) + r.errors for r in runs)
+                hedges = channels[name].describe()["retry_budget"]["hedges"] - hedges_before[name]
+                summary[name] = {
+                    "calls": made,
+                    "errors": sum(r.errors for r in runs),
+                    "p50_ms": statistics.median(percentile(sorted(r.latencies), 0.50) * 1000 for r in runs),
+                    "p99_ms": statistics.median(percentile(sorted(r.latencies), 0.99) * 1000 for r in runs),
+                    "p999_ms": statistics.median(percentile(sorted(r.latencies), 0.999) * 1000 for r in runs),
+                    "hedges_per_call": hedges / made if made else float("nan"),
+                }
+            results.append({"concurrency": concurrency, "payload": 64, "cases": summary})
+        finally:
+            for channel in channels.values():
+                channel.close()
+    return results
+
+
+def hedge_table(results: Sequence[dict[str, Any]]) -> str:
+    head = f"{'conc':>4} {'case':<20} {'calls':>6} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'hedges/call':>11}"
+    lines = [head, "-" * len(head)]
+    for result in results:
+        for name, case in result["cases"].items():
+            lines.append(
+                f"{result['concurrency']:>4} {name:<20} {case['calls']:>6} {_fmt(case['p50_ms']):>7}"
+                f" {_fmt(case['p99_ms']):>7} {_fmt(case['p999_ms']):>8} {case['hedges_per_call']:>11.1%}"
+            )
+    return "\n".join(lines)
 
 
 # -- output ------------------------------------------------------------------------------
@@ -705,6 +787,7 @@ def acceptance(
         figures["cpu_ratio_64B_paired_median"] = cpu_paired
         figures["cpu_within_target"] = all(v <= CPU_TARGET for v in cpu.values())
         figures["cpu_ratio_64B_4ep_vs_grpc_rr_4ep"] = cpu_vs_rr
+        figures["retry_cpu_ratio_64B"] = _pair_figures(groups, "poolkit-1ep", NO_RETRY)
     if aio:
         cpu, cpu_paired, cpu_vs_rr = _cpu_figures(aio, ("poolkit-aio-1ep", "poolkit-aio-4ep"), "grpc-aio-rr-4ep")
         figures["aio_cpu_ratio_64B"] = cpu
@@ -712,10 +795,30 @@ def acceptance(
         held = {key: value for key, value in cpu.items() if key.startswith("poolkit-aio-1ep ")}
         figures["aio_cpu_within_target"] = all(v <= CPU_TARGET for v in held.values())
         figures["aio_cpu_ratio_64B_4ep_vs_grpc_aio_rr_4ep"] = cpu_vs_rr
+        figures["aio_retry_cpu_ratio_64B"] = _pair_figures(aio, "poolkit-aio-1ep", AIO_NO_RETRY)
     if slow:
         figures["slow_endpoint_p99_ratio_vs_round_robin"] = {
             f"c={result['concurrency']}": result["cases"]["poolkit-p2c_peak_ewma"]["ratios"]["p99_ms"]
             for result in slow
+        }
+    return figures
+
+
+def _pair_figures(groups: Sequence[dict[str, Any]], name: str, other: str) -> dict[str, dict[str, float]]:
+    """Of the 64 B groups: `name`'s client CPU per call against `other`'s, per concurrency
+    (ratio of medians, and the median of per-round ratios)."""
+    figures: dict[str, dict[str, float]] = {}
+    for group in groups:
+        cases = group["cases"]
+        if group["payload"] != 64 or name not in cases or other not in cases:
+            continue
+        a, b = cases[name], cases[other]
+        per_round = [
+            _ratio(x["cpu_us_per_call"], y["cpu_us_per_call"]) for x, y in zip(a["rounds"], b["rounds"], strict=True)
+        ]
+        figures[f"{name} c={group['concurrency']}"] = {
+            "ratio": _ratio(a["cpu_us_per_call"], b["cpu_us_per_call"]),
+            "paired_median": statistics.median(per_round),
         }
     return figures
 
@@ -773,6 +876,10 @@ def acceptance_text(figures: dict[str, Any]) -> str:
         if figures["aio_cpu_ratio_64B_4ep_vs_grpc_aio_rr_4ep"]:
             lines.append("Client CPU per call, poolkit-aio-4ep / grpc-aio-rr-4ep (same four servers), 64 B:")
             lines.extend(_vs_rr_lines(figures["aio_cpu_ratio_64B_4ep_vs_grpc_aio_rr_4ep"]))
+    for key, label in (("retry_cpu_ratio_64B", NO_RETRY), ("aio_retry_cpu_ratio_64B", AIO_NO_RETRY)):
+        if figures.get(key):
+            lines.append(f"Client CPU per call with retries on (the default) / {label}, 64 B:")
+            lines.extend(_vs_rr_lines(figures[key]))
     if "slow_endpoint_p99_ratio_vs_round_robin" in figures:
         lines.append("Slow endpoint p99, poolkit p2c_peak_ewma / grpc round_robin:")
         lines.extend(
@@ -832,6 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the sync parts were always measured in.
     groups = bench_overhead(settings) if "sync" in settings.parts else []
     slow = bench_slow_endpoint(settings) if "slow" in settings.parts else []
+    hedging = bench_hedging(settings) if "hedge" in settings.parts else []
     aio = bench_aio(settings) if "aio" in settings.parts else []
     figures = acceptance(groups, slow, aio)
     env["loadavg_end"] = list(os.getloadavg())
@@ -860,6 +968,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("slow share = calls the slow server received")
         print()
         print(slow_table(slow))
+    if hedging:
+        print(
+            f"Hedging: 4 in-process servers, one {HEDGE_DELAY * 1000:.0f} ms slower on {HEDGE_SHARE:.0%} of its calls;"
+            f" medians of {settings.slow_rounds} rounds"
+        )
+        print()
+        print(hedge_table(hedging))
+        print()
     print(acceptance_text(figures))
     print(f"\n({env['duration_s']} s; load average {env['loadavg_start'][0]:.2f} -> {env['loadavg_end'][0]:.2f})")
 
@@ -870,6 +986,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "overhead": groups,
             "aio": aio,
             "slow_endpoint": slow,
+            "hedging": hedging,
             "acceptance": figures,
         }
         with open(args.json, "w", encoding="utf-8") as out:

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -89,6 +90,8 @@ class _EchoServicer(echo_pb2_grpc.EchoServicer):
     def __init__(self, server_id: str, delay: float) -> None:
         self.server_id = server_id
         self.delay = delay  # extra latency added to every echo call, in seconds
+        self.delay_share = 1.0  # the share of calls (at random) that get `delay`
+        self._random = random.Random(server_id)
         self._lock = threading.Lock()
         self._counts = _Counts()
         self._fail_code: grpc.StatusCode | None = None  # every echo call fails with it
@@ -128,7 +131,8 @@ class _EchoServicer(echo_pb2_grpc.EchoServicer):
         with self._lock:
             self._counts.calls += 1
             self._counts.peers.add(context.peer())
-        pause = self.delay + request.delay_ms / 1000
+        delay = self.delay if self.delay_share >= 1 or self._random.random() < self.delay_share else 0.0
+        pause = delay + request.delay_ms / 1000
         if pause > 0:
             time.sleep(pause)
         if request.fail_code:
@@ -241,6 +245,17 @@ class EchoServer:
     @delay.setter
     def delay(self, seconds: float) -> None:
         self._echo.delay = seconds
+
+    @property
+    def delay_share(self) -> float:
+        """The share of echo calls, chosen at random, that `delay` applies to (1.0: all)."""
+        return self._echo.delay_share
+
+    @delay_share.setter
+    def delay_share(self, share: float) -> None:
+        if not 0 <= share <= 1:
+            raise ValueError(f"delay_share must be between 0 and 1, not {share}")
+        self._echo.delay_share = share
 
     @property
     def fail_code(self) -> grpc.StatusCode | None:
