@@ -499,14 +499,16 @@ def _start_stream(
     started = multicallable._clock()
     again = replayable(request, streaming_request)
     sent = resend(request, streaming_request) if again else request
-    call = _start(multicallable, sent, timeout, metadata, credentials, wait_for_ready, compression, None, False)
+    slot = multicallable._pool.begin(wait_for_ready)
+    call = _start_on(multicallable, slot, sent, timeout, metadata, credentials, wait_for_ready, compression)
     if not again or not multicallable._plan.requeues:
         return call
     state: list[Attempts] = []  # made on the first failure
+    route = slot.route
 
     def restart(error: grpc.RpcError) -> Any:
         if not state:
-            state.append(multicallable._plan.first(started, timeout, None))
+            state.append(multicallable._plan.first(started, timeout, route))
         attempts = state[0]
         slot, attempt_timeout = next_slot(multicallable, attempts, error, wait_for_ready)
         return _start_on(

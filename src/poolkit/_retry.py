@@ -63,6 +63,10 @@ def never_sent(code: grpc.StatusCode, details: str | None) -> bool:
 
 
 _MALFORMED = -1.0
+_CLOCK_SLACK = 0.010
+_PUSHBACK_DIGITS = 12
+# A pushback is honoured up to an hour: longer is a server's mistake, not a plan.
+MAX_PUSHBACK = 3600.0
 
 
 def pushback_of(trailing: Iterable[Any] | None) -> float | None:
@@ -72,15 +76,17 @@ def pushback_of(trailing: Iterable[Any] | None) -> float | None:
         if key != PUSHBACK_HEADER:
             continue
         text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-        if not text.isdigit():  # "-1", "", "1.5", "soon": all mean stop
+        if not (text.isascii() and text.isdigit()) or len(text) > _PUSHBACK_DIGITS:  # "-1", "", "1.5", "soon"
             return _MALFORMED
-        return int(text) / 1000
+        return min(int(text) / 1000, MAX_PUSHBACK)
     return None
 
 
 def with_attempts(metadata: Any, previous: int) -> tuple[tuple[str, Any], ...]:
-    """The caller's metadata plus `grpc-previous-rpc-attempts` (gRPC A6), for attempt > 1."""
-    return (*((k, v) for k, v in (metadata or ()) if k != ATTEMPTS_HEADER), (ATTEMPTS_HEADER, str(previous)))
+    """The caller's metadata plus `grpc-previous-rpc-attempts` (gRPC A6) when attempts
+    went before (a requeued first attempt has none: the header is left out)."""
+    pairs = tuple((k, v) for k, v in (metadata or ()) if k != ATTEMPTS_HEADER)
+    return (*pairs, (ATTEMPTS_HEADER, str(previous))) if previous else pairs
 
 
 class Attempts(RetryCallState):
@@ -115,10 +121,11 @@ class _Retryable(retry_base):
     """tenacity retry strategy: the policy's codes, or an attempt timeout, for idempotent methods."""
 
     def __init__(self, policy: RetryPolicy | None) -> None:
-        self._codes = policy.codes if policy is not None and policy.idempotent else frozenset()
+        self._idempotent = policy is not None and policy.idempotent
+        self._codes = policy.codes if policy is not None else frozenset()
 
     def __call__(self, state: RetryCallState) -> bool:
-        if not self._codes:
+        if not self._idempotent:
             return False
         assert isinstance(state, Attempts)
         assert state.outcome is not None
@@ -217,10 +224,12 @@ class Plan:
         state.set_exception((type(error), error, None))
         state.outcome_timestamp = now
         attempt_deadline = state.attempt_deadline
+        # The attempt's own timeout was the nearer one and has run out (give or take grpc's
+        # millisecond rounding): that is what ended it, not the server's answer.
         state.timed_out = (
             code is _DEADLINE_EXCEEDED
             and attempt_deadline is not None
-            and now >= attempt_deadline
+            and now >= attempt_deadline - _CLOCK_SLACK
             and (state.deadline is None or attempt_deadline < state.deadline)
         )
         if not self.retry(state):
