@@ -34,6 +34,7 @@ from ._target import Endpoint
 
 _OK = grpc.StatusCode.OK
 _UNKNOWN = grpc.StatusCode.UNKNOWN
+_CANCELLED = grpc.StatusCode.CANCELLED
 Interceptors = Sequence[grpc.aio.ClientInterceptor]
 
 if TYPE_CHECKING:  # grpc-stubs makes the multicallables generic; grpc itself does not
@@ -344,6 +345,13 @@ class _MultiCallable(MultiCallableBase):
         except BaseException:
             pool.end(slot, None, _UNKNOWN)
             raise
+        if self._sample_latency and self._plan.requeues:
+            # The awaitable settles the slot itself when awaited: no done-callback per call.
+            call = _UnaryCall(
+                call, self, started, slot, (request, timeout, metadata, credentials, wait_for_ready, compression)
+            )
+            call._slot = slot
+            return call
         call.add_done_callback(functools.partial(self._end_call, slot, started if self._sample_latency else None))
         if not self._plan.requeues or not replayable(request, self._streaming_request):
             return _Stream(call, None) if self._streaming else call
@@ -416,7 +424,7 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
     attempt, and on a failure the plan allows, the next one. Everything else is the
     current attempt's (grpc's call object)."""
 
-    __slots__ = ("_args", "_call", "_hedge_after", "_multicallable", "_route", "_started", "_state")
+    __slots__ = ("_args", "_call", "_hedge_after", "_multicallable", "_route", "_slot", "_started", "_state")
 
     def __init__(
         self, call: Any, multicallable: _MultiCallable, started: float, slot: Slot | None, args: _Args
@@ -428,6 +436,29 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         self._args = args
         self._state: Attempts | None = None
         self._hedge_after: float | None = None
+        # The first attempt's slot, until its outcome is reported to the pool: when the
+        # call is awaited (or its status read, or it is cancelled, or dropped). Attempts
+        # after the first report through grpc's done-callback instead.
+        self._slot: Slot | None = None
+
+    def _settle(self, code: grpc.StatusCode | None) -> None:
+        slot = self._slot
+        if slot is not None:
+            self._slot = None
+            self._multicallable._pool.end(slot, self._started, code)
+
+    def __del__(self) -> None:
+        slot = self._slot
+        if slot is None:
+            return
+        # Never awaited: report the outcome whenever grpc has one.
+        self._slot = None
+        end = functools.partial(self._multicallable._end_call, slot, self._started)
+        call = self._call
+        if call.done():
+            end(call)
+        else:
+            call.add_done_callback(end)
 
     @classmethod
     def special(cls, multicallable: _MultiCallable, slot: Slot, started: float, args: _Args) -> _UnaryCall:
@@ -446,7 +477,15 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         try:
             response = yield from self._call.__await__()
         except grpc.aio.AioRpcError as error:
+            self._settle(error.code())
             return (yield from self._again(error).__await__())
+        except asyncio.CancelledError:
+            self._settle(_CANCELLED)
+            raise
+        except BaseException:
+            self._settle(_UNKNOWN)
+            raise
+        self._settle(None)
         latency = self._multicallable._plan.latency
         if latency is not None:
             latency.add(self._multicallable._clock() - self._started)
@@ -507,7 +546,9 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         return await self._call.trailing_metadata()
 
     async def code(self) -> grpc.StatusCode:
-        return await self._call.code()  # type: ignore[no-any-return]
+        code: grpc.StatusCode = await self._call.code()
+        self._settle(None if code is _OK else code)
+        return code
 
     async def details(self) -> str:
         return await self._call.details()  # type: ignore[no-any-return]
@@ -531,7 +572,10 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         return self._call.time_remaining()  # type: ignore[no-any-return]
 
     def cancel(self) -> bool:
-        return self._call.cancel()  # type: ignore[no-any-return]
+        if not self._call.cancel():
+            return False
+        self._settle(_CANCELLED)
+        return True
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         self._call.add_done_callback(callback)
