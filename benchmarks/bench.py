@@ -1,10 +1,11 @@
 """poolkit's benchmark: unary echo over loopback, poolkit against plain grpcio.
 
     python benchmarks/bench.py [--quick] [--json out.json] [--rounds N] [--calls N]
-                               [--only {sync,aio,slow}[,...]]
+                               [--only {sync,aio,slow,hedge}[,...]]
 
-Three parts, each of which can be run alone with --only (repeatable, or a comma list):
-"sync" (threads), "aio" (asyncio tasks) and "slow" (the slow-endpoint case).
+Four parts, each of which can be run alone with --only (repeatable, or a comma list):
+"sync" (threads), "aio" (asyncio tasks), "slow" (the slow-endpoint case) and "hedge"
+(hedged requests against one sometimes-slow server).
 
 The echo servers run in a child process (`poolkit.testing.spawn_echo_servers`), so the
 client's CPU time (`time.process_time()`, every thread of this process, grpc's own
@@ -23,6 +24,8 @@ Cases:
   grpc-1ch        one `grpc.insecure_channel` to one server, stub built once (the baseline)
   poolkit-1ep     poolkit over the same single server
   poolkit-4ep     poolkit over four servers
+  poolkit-1ep-noretry  poolkit over the same single server with retry=None: the
+                  success-path cost of retries is poolkit-1ep against it
   grpc-rr-4ep     one grpc channel with its round_robin policy over the same four servers:
                   the cost of four connections without poolkit, to read poolkit-4ep against
   grpc-fresh      a new grpc channel + stub per call, closed after (contrast; fewer calls).

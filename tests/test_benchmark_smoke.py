@@ -20,7 +20,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 METRICS = {"rps", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "cpu_us_per_call", "conns"}
-AIO_CASES = {"grpc-aio-1ch", "poolkit-aio-1ep", "poolkit-aio-4ep", "grpc-aio-rr-4ep"}
+AIO_CASES = {"grpc-aio-1ch", "poolkit-aio-1ep", "poolkit-aio-1ep-noretry", "poolkit-aio-4ep", "grpc-aio-rr-4ep"}
 
 
 def _bench_module() -> ModuleType:
@@ -61,7 +61,8 @@ def _settings_for(argv: list[str]) -> Any:
 @pytest.mark.parametrize(
     ("argv", "parts"),
     [
-        ([], ("sync", "aio", "slow")),
+        ([], ("sync", "aio", "slow", "hedge")),
+        (["--only", "hedge"], ("hedge",)),
         (["--only", "aio"], ("aio",)),
         (["--only", "slow,sync"], ("sync", "slow")),
         (["--only", "aio", "--only", "sync"], ("sync", "aio")),
@@ -117,19 +118,32 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
     assert "Client CPU per call, poolkit.aio / grpc.aio" in done.stdout
 
     result = json.loads(out.read_text())
-    assert {"environment", "settings", "overhead", "aio", "slow_endpoint", "acceptance"} <= result.keys()
+    assert {"environment", "settings", "overhead", "aio", "slow_endpoint", "hedging", "acceptance"} <= result.keys()
     env = result["environment"]
     for key in ("python", "grpcio", "poolkit", "cpu_count", "date"):
         assert env[key]
     assert result["settings"]["quick"] is True
-    assert result["settings"]["parts"] == ["sync", "aio", "slow"]
+    assert result["settings"]["parts"] == ["sync", "aio", "slow", "hedge"]
+    assert "retry_cpu_ratio_64B" in result["acceptance"]
+    assert "aio_retry_cpu_ratio_64B" in result["acceptance"]
+    (hedging,) = result["hedging"]
+    assert set(hedging["cases"]) == {"poolkit-no-hedge", "poolkit-hedge-p95", "poolkit-hedge-10ms"}
+    assert hedging["cases"]["poolkit-no-hedge"]["hedges_per_call"] == 0
+    assert all(case["errors"] == 0 for case in hedging["cases"].values())
 
     assert result["overhead"]
     for group in result["overhead"]:
         assert group["concurrency"] in (1, 32)
         assert group["payload"] == 64
         cases = group["cases"]
-        assert {"grpc-1ch", "grpc-fresh", "poolkit-1ep", "poolkit-4ep", "grpc-rr-4ep"} <= cases.keys()
+        assert {
+            "grpc-1ch",
+            "grpc-fresh",
+            "poolkit-1ep",
+            "poolkit-1ep-noretry",
+            "poolkit-4ep",
+            "grpc-rr-4ep",
+        } <= cases.keys()
         for case in cases.values():
             _check_case(case)
         assert cases["grpc-1ch"]["ratios"]["cpu_us_per_call"] == 1.0
