@@ -24,12 +24,9 @@ and its calls live there, and the test's thread only submits to it.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import statistics
-import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -37,6 +34,7 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 import pytest
+from _loop_thread import LoopThread
 from _support import wait_until
 
 import poolkit
@@ -203,15 +201,10 @@ class AioClient:
 
     def __init__(self) -> None:
         self._opened: list[poolkit.aio.Channel] = []
-        self._loop = asyncio.new_event_loop()
-        # What nobody awaited (a background task's exception, say) ends up here.
-        self.loop_errors: list[dict[str, Any]] = []
-        self._loop.set_exception_handler(lambda _, context: self.loop_errors.append(context))
-        self._thread = threading.Thread(target=self._loop.run_forever, name="retry-aio-loop", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread("retry-aio-loop", RUN_LIMIT)
 
     def _run(self, coroutine: Any, limit: float = RUN_LIMIT) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=limit)
+        return self._loop.run(coroutine, limit)
 
     def open(self, target: str | Sequence[str], config: PoolConfig) -> None:
         async def open_channel() -> poolkit.aio.Channel:
@@ -277,38 +270,7 @@ class AioClient:
         return self._run(count())  # type: ignore[no-any-return]
 
     def shutdown(self) -> None:
-        try:
-            for channel in self._opened:
-                self._run(channel.close())
-            self._run(_cancel_other_tasks())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(RUN_LIMIT)
-            if not self._thread.is_alive():
-                self._loop.close()
-        # grpc.aio's own poller reports "Event loop is closed" when a test's fresh loop
-        # follows a closed one; only what poolkit's code left unhandled counts here.
-        ours = [context for context in self.loop_errors if _from_poolkit(context)]
-        assert not ours, f"unhandled errors on the event loop: {ours}"
-
-
-_POOLKIT_DIR = os.path.dirname(poolkit.__file__)
-
-
-def _from_poolkit(context: dict[str, Any]) -> bool:
-    """Whether an event loop error came from poolkit's code (a task or a frame of it)."""
-    error = context.get("exception")
-    frames = traceback.extract_tb(error.__traceback__) if isinstance(error, BaseException) else []
-    if any(frame.filename.startswith(_POOLKIT_DIR) for frame in frames):
-        return True
-    return any("poolkit" in repr(context.get(key)) for key in ("task", "future"))
-
-
-async def _cancel_other_tasks() -> None:
-    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop.stop(self._opened)
 
 
 KINDS = ("sync", "aio")
