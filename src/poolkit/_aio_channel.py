@@ -27,9 +27,8 @@ from ._config import PoolConfig
 from ._errors import ConfigError, PoolClosedError, PoolUnavailableError
 from ._pool import REQUEUE, RETRY, Route, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
-from ._retry import Attempts, with_attempts
+from ._retry import Attempts, replayable, with_attempts
 from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options, take_hedge_slot
-from ._sync_retry import replayable
 from ._target import Endpoint
 
 _OK = grpc.StatusCode.OK
@@ -328,44 +327,26 @@ class _MultiCallable(MultiCallableBase):
         except PoolUnavailableError as error:
             raise AioPoolUnavailableError(error.details(), error.code()) from None
         started = self._clock()
+        args = (request, timeout, metadata, credentials, wait_for_ready, compression)
         if self._special and self._sample_latency:
-            return _UnaryCall.special(
-                self, slot, started, (request, timeout, metadata, credentials, wait_for_ready, compression)
-            )
-        bound = slot.callables.get(self._id) or self._bind(slot)
-        try:
-            call = bound(
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-        except BaseException:
-            pool.end(slot, None, _UNKNOWN)
-            raise
+            return _UnaryCall.special(_Restart(self, started, slot, args))
+        call = self._invoke(slot, args, timeout, metadata)
         if self._sample_latency and self._plan.requeues:
-            # The awaitable settles the slot itself when awaited: no done-callback per call.
-            call = _UnaryCall(
-                call, self, started, slot, (request, timeout, metadata, credentials, wait_for_ready, compression)
-            )
-            call._slot = slot
-            return call
+            # The awaitable reports the outcome itself when awaited: no done-callback per call.
+            return _UnaryCall(call, _Restart(self, started, slot, args), slot)
         call.add_done_callback(functools.partial(self._end_call, slot, started if self._sample_latency else None))
         if not self._plan.requeues or not replayable(request, self._streaming_request):
             return _Stream(call, None) if self._streaming else call
-        args = (request, timeout, metadata, credentials, wait_for_ready, compression)
         if self._streaming:
             return _Stream(call, _Restart(self, started, slot, args))
-        return _UnaryCall(call, self, started, slot, args)
+        return _UnaryCall(call, _Restart(self, started, slot, args), None)
 
-    def _send(self, slot: Slot, args: _Args, timeout: float | None, metadata: Any) -> Any:
-        """Start one attempt on a slot already taken, its outcome reported to the pool."""
+    def _invoke(self, slot: Slot, args: _Args, timeout: float | None, metadata: Any) -> Any:
+        """Start one attempt on `slot`; if grpc refuses to start it, the slot is released."""
         request, _, _, credentials, wait_for_ready, compression = args
         bound = slot.callables.get(self._id) or self._bind(slot)
         try:
-            call = bound(
+            return bound(
                 request,
                 timeout=timeout,
                 metadata=metadata,
@@ -376,6 +357,11 @@ class _MultiCallable(MultiCallableBase):
         except BaseException:
             self._pool.end(slot, None, _UNKNOWN)
             raise
+
+    def _send(self, slot: Slot, args: _Args, timeout: float | None, metadata: Any) -> Any:
+        """Start one attempt on a slot already taken, its outcome reported to the pool by
+        grpc's done-callback."""
+        call = self._invoke(slot, args, timeout, metadata)
         started = self._clock() if self._sample_latency else None
         call.add_done_callback(functools.partial(self._end_call, slot, started))
         return call
@@ -424,28 +410,22 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
     attempt, and on a failure the plan allows, the next one. Everything else is the
     current attempt's (grpc's call object)."""
 
-    __slots__ = ("_args", "_call", "_hedge_after", "_multicallable", "_route", "_slot", "_started", "_state")
+    __slots__ = ("_call", "_hedge_after", "_restart", "_slot")
 
-    def __init__(
-        self, call: Any, multicallable: _MultiCallable, started: float, slot: Slot | None, args: _Args
-    ) -> None:
+    def __init__(self, call: Any, restart: _Restart, slot: Slot | None) -> None:
         self._call = call
-        self._multicallable = multicallable
-        self._started = started
-        self._route = slot.route if slot is not None else None
-        self._args = args
-        self._state: Attempts | None = None
+        self._restart = restart
         self._hedge_after: float | None = None
-        # The first attempt's slot, until its outcome is reported to the pool: when the
-        # call is awaited (or its status read, or it is cancelled, or dropped). Attempts
-        # after the first report through grpc's done-callback instead.
-        self._slot: Slot | None = None
+        # The first attempt's slot while this object owes the pool its outcome: it is
+        # reported when the call is awaited, its status read, it is cancelled or dropped.
+        # None when grpc's done-callback reports it instead (as for every later attempt).
+        self._slot = slot
 
     def _settle(self, code: grpc.StatusCode | None) -> None:
         slot = self._slot
         if slot is not None:
             self._slot = None
-            self._multicallable._pool.end(slot, self._started, code)
+            self._restart.multicallable._pool.end(slot, self._restart.started, code)
 
     def __del__(self) -> None:
         slot = self._slot
@@ -453,7 +433,7 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
             return
         # Never awaited: report the outcome whenever grpc has one.
         self._slot = None
-        end = functools.partial(self._multicallable._end_call, slot, self._started)
+        end = functools.partial(self._restart.multicallable._end_call, slot, self._restart.started)
         call = self._call
         if call.done():
             end(call)
@@ -461,13 +441,13 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
             call.add_done_callback(end)
 
     @classmethod
-    def special(cls, multicallable: _MultiCallable, slot: Slot, started: float, args: _Args) -> _UnaryCall:
+    def special(cls, restart: _Restart) -> _UnaryCall:
         """The first attempt of a hedged method, or one whose attempts have their own timeout."""
+        multicallable, started = restart.multicallable, restart.started
         plan = multicallable._plan
-        state = plan.first(started, args[1], slot.route)
-        call = multicallable._send(slot, args, plan.first_timeout(state, started), args[2])
-        self = cls(call, multicallable, started, slot, args)
-        self._state = state
+        state = restart.state = plan.first(started, restart.args[1], restart.slot.route)
+        call = multicallable._send(restart.slot, restart.args, plan.first_timeout(state, started), restart.args[2])
+        self = cls(call, restart, None)
         self._hedge_after = plan.hedge_delay()
         return self
 
@@ -486,25 +466,22 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
             self._settle(_UNKNOWN)
             raise
         self._settle(None)
-        latency = self._multicallable._plan.latency
-        if latency is not None:
-            latency.add(self._multicallable._clock() - self._started)
+        multicallable = self._restart.multicallable
+        if multicallable._plan.latency is not None:
+            multicallable._plan.latency.add(multicallable._clock() - self._restart.started)
         return response
 
     async def _again(self, error: BaseException) -> Any:
-        multicallable = self._multicallable
-        state = self._state
-        if state is None:
-            state = self._state = multicallable._plan.first(self._started, self._args[1], self._route)
         while True:
-            self._call = call = await multicallable._next_call(state, error, self._args)
+            self._call = call = await self._restart.next_call(error)
             try:
                 return await call
             except grpc.aio.AioRpcError as failure:
                 error = failure
 
     async def _hedged(self) -> Any:
-        multicallable, state = self._multicallable, self._state
+        restart = self._restart
+        multicallable, state, args = restart.multicallable, restart.state, restart.args
         assert state is not None
         assert self._hedge_after is not None
         started = multicallable._clock()
@@ -512,25 +489,23 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         try:
             done, _ = await asyncio.wait(attempts, timeout=self._hedge_after)
             if not done:
-                slot = take_hedge_slot(multicallable, state, self._args[4])
+                slot = take_hedge_slot(multicallable, state, args[4])
                 if slot is not None:
                     now = multicallable._clock()
                     timeout = multicallable._plan.first_timeout(state, now)
-                    call = multicallable._send(slot, self._args, timeout, with_attempts(self._args[2], 1))
+                    call = multicallable._send(slot, args, timeout, with_attempts(args[2], 1))
                     attempts[asyncio.ensure_future(_outcome(call))] = (call, now)
             error: BaseException | None = None
             while attempts:
                 done, _ = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     call, began = attempts.pop(task)
+                    self._call = call
                     response, error = task.result()
                     if error is None:
-                        self._call = call
-                        latency = multicallable._plan.latency
-                        if latency is not None:
-                            latency.add(multicallable._clock() - began)
+                        if multicallable._plan.latency is not None:
+                            multicallable._plan.latency.add(multicallable._clock() - began)
                         return response
-                    self._call = call
         finally:
             for task, (call, _) in attempts.items():
                 call.cancel()
@@ -593,21 +568,22 @@ async def _outcome(call: Any) -> tuple[Any, BaseException | None]:
 
 
 class _Restart:
-    """What a response stream needs to be sent again before its first message."""
+    """What a call needs to be sent again: its method, start, first slot, arguments,
+    and (made on its first failure) its retry record."""
 
-    __slots__ = ("_args", "_multicallable", "_started", "_state", "route")
+    __slots__ = ("args", "multicallable", "slot", "started", "state")
 
     def __init__(self, multicallable: _MultiCallable, started: float, slot: Slot, args: _Args) -> None:
-        self._multicallable = multicallable
-        self._started = started
-        self.route = slot.route
-        self._args = args
-        self._state: Attempts | None = None
+        self.multicallable = multicallable
+        self.started = started
+        self.slot = slot
+        self.args = args
+        self.state: Attempts | None = None
 
     async def next_call(self, error: BaseException) -> Any:
-        if self._state is None:
-            self._state = self._multicallable._plan.first(self._started, self._args[1], self.route)
-        return await self._multicallable._next_call(self._state, error, self._args)
+        if self.state is None:
+            self.state = self.multicallable._plan.first(self.started, self.args[1], self.slot.route)
+        return await self.multicallable._next_call(self.state, error, self.args)
 
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):

@@ -22,9 +22,9 @@ import grpc
 from ._config import PoolConfig
 from ._errors import ConfigError
 from ._pool import Route, Slot
-from ._retry import Attempts, with_attempts
+from ._retry import Attempts, replayable, resend, with_attempts
 from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
-from ._sync_retry import RetryingStream, first_attempt_special, next_slot, replayable, resend, retry_blocking
+from ._sync_retry import RetryingStream, first_attempt_special, next_slot, retry_blocking
 from ._sync_watch import DiscoveryThread, HealthThread
 from ._target import Endpoint
 
@@ -288,7 +288,7 @@ class _MultiCallable(MultiCallableBase):
         call = slot.callables.get(self._id) or self._bind(slot)
         started = self._clock()
         # A request stream given as a list (or tuple) is sent from a fresh iterator each attempt.
-        sent = request if sample_latency or not replayable(request, True) else iter(request)
+        sent = request if sample_latency or not replayable(request, True) else resend(request, True)
         try:
             result = call.with_call(sent, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as error:
@@ -463,26 +463,12 @@ def _start(
     attribute: str | None,
     sample_latency: bool,
 ) -> Any:
-    """Start a call that returns at once (a future, a response stream) and release its
-    slot from grpc's done-callback, which runs whichever way the call ends: response,
-    error, deadline, cancel(), or the call object being dropped unfinished."""
-    pool = multicallable._pool
-    slot = pool.begin(wait_for_ready)
-    bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+    """Start a call that returns at once (a future) on a slot of its own."""
+    slot = multicallable._pool.begin(wait_for_ready)
     started = multicallable._clock() if sample_latency else None
-    try:
-        target = getattr(bound, attribute) if attribute else bound
-        call = target(request, timeout, metadata, credentials, wait_for_ready, compression)
-    except BaseException:
-        pool.end(slot, None, grpc.StatusCode.UNKNOWN)
-        raise
-    # add_callback, not add_done_callback: grpc keeps done-callbacks bound to the call
-    # object, which would keep an abandoned stream alive (and its slot busy) until the
-    # server ends it; a plain callback with a weak reference lets grpc cancel it on collection.
-    end = functools.partial(multicallable._end_call, slot, started, weakref.ref(call))
-    if not call.add_callback(end):
-        end()  # already over
-    return call
+    return _start_on(
+        multicallable, slot, attribute, started, request, timeout, metadata, credentials, wait_for_ready, compression
+    )
 
 
 def _start_stream(
@@ -500,7 +486,7 @@ def _start_stream(
     again = replayable(request, streaming_request)
     sent = resend(request, streaming_request) if again else request
     slot = multicallable._pool.begin(wait_for_ready)
-    call = _start_on(multicallable, slot, sent, timeout, metadata, credentials, wait_for_ready, compression)
+    call = _start_on(multicallable, slot, None, None, sent, timeout, metadata, credentials, wait_for_ready, compression)
     if not again or not multicallable._plan.requeues:
         return call
     state: list[Attempts] = []  # made on the first failure
@@ -514,6 +500,8 @@ def _start_stream(
         return _start_on(
             multicallable,
             slot,
+            None,
+            None,
             resend(request, streaming_request),
             attempt_timeout,
             with_attempts(metadata, attempts.previous),
@@ -528,6 +516,8 @@ def _start_stream(
 def _start_on(
     multicallable: _MultiCallable,
     slot: Slot,
+    attribute: str | None,
+    started: float | None,
     request: Any,
     timeout: float | None,
     metadata: Any,
@@ -535,14 +525,20 @@ def _start_on(
     wait_for_ready: bool | None,
     compression: grpc.Compression | None,
 ) -> Any:
-    """`_start` of a response stream on a slot already taken (a retry's)."""
+    """Start a call that returns at once (a future, a response stream) on `slot`, and
+    release the slot from grpc's callback, which runs whichever way the call ends:
+    response, error, deadline, cancel(), or the call object being dropped unfinished."""
     bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
     try:
-        call = bound(request, timeout, metadata, credentials, wait_for_ready, compression)
+        target = getattr(bound, attribute) if attribute else bound
+        call = target(request, timeout, metadata, credentials, wait_for_ready, compression)
     except BaseException:
         multicallable._pool.end(slot, None, grpc.StatusCode.UNKNOWN)
         raise
-    end = functools.partial(multicallable._end_call, slot, None, weakref.ref(call))
+    # add_callback, not add_done_callback: grpc keeps done-callbacks bound to the call
+    # object, which would keep an abandoned stream alive (and its slot busy) until the
+    # server ends it; a plain callback with a weak reference lets grpc cancel it on collection.
+    end = functools.partial(multicallable._end_call, slot, started, weakref.ref(call))
     if not call.add_callback(end):
-        end()
+        end()  # already over
     return call

@@ -170,6 +170,15 @@ def _slot_pending(slot: Slot) -> int:
     return slot.pending
 
 
+def _take(route: Route) -> Slot:
+    """Count a new call in flight on the route's least busy live slot (lock held)."""
+    live = route.live
+    slot = live[0] if len(live) == 1 else min(live, key=_slot_pending)
+    slot.pending += 1
+    route.metric.pending += 1
+    return slot
+
+
 class PoolState:
     """Routes, picks, accounting and health for one poolkit channel."""
 
@@ -253,11 +262,7 @@ class PoolState:
                 route = self._fallback[int(self.rng.random() * len(self._fallback))]
             else:
                 raise PoolUnavailableError(self._why_unavailable(now))
-            live = route.live
-            slot = live[0] if len(live) == 1 else min(live, key=_slot_pending)
-            slot.pending += 1
-            route.metric.pending += 1
-        return slot
+            return _take(route)
 
     def spend(self, kind: str) -> bool:
         """May a retry, requeue or hedge (`kind`) be sent now? Counts it if so, and the
@@ -295,11 +300,7 @@ class PoolState:
             else:
                 raise PoolUnavailableError(self._why_unavailable(now))
             tried.add(route)
-            live = route.live
-            slot = live[0] if len(live) == 1 else min(live, key=_slot_pending)
-            slot.pending += 1
-            route.metric.pending += 1
-        return slot
+            return _take(route)
 
     def has_untried(self, tried: set[Route]) -> bool:
         """Whether a route in rotation is not among `tried` (somewhere for a hedge to go)."""

@@ -19,7 +19,7 @@ Two ways to go again:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -80,6 +80,17 @@ def pushback_of(trailing: Iterable[Any] | None) -> float | None:
             return _MALFORMED
         return min(int(text) / 1000, MAX_PUSHBACK)
     return None
+
+
+def replayable(request: Any, streaming_request: bool) -> bool:
+    """Whether the request can be sent again: a single message can; a request stream only
+    if it is a sequence (a list, a tuple) that iterates afresh, not a one-shot iterator."""
+    return not streaming_request or (isinstance(request, Sequence) and not isinstance(request, str | bytes))
+
+
+def resend(request: Any, streaming_request: bool) -> Any:
+    """The request for one more attempt: a request stream from a fresh iterator."""
+    return iter(request) if streaming_request else request
 
 
 def with_attempts(metadata: Any, previous: int) -> tuple[tuple[str, Any], ...]:

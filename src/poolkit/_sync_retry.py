@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -16,7 +16,7 @@ import grpc
 from ._errors import PoolUnavailableError
 from ._pool import REQUEUE, RETRY, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
-from ._retry import Attempts, with_attempts
+from ._retry import Attempts, replayable, resend, with_attempts
 from ._shell import take_hedge_slot
 
 if TYPE_CHECKING:
@@ -25,16 +25,6 @@ if TYPE_CHECKING:
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED
 _UNKNOWN = grpc.StatusCode.UNKNOWN
-
-
-def replayable(request: Any, streaming_request: bool) -> bool:
-    """Whether the request can be sent again: a single message can; a request stream only
-    if it is a sequence (a list, a tuple) that iterates afresh, not a one-shot iterator."""
-    return not streaming_request or (isinstance(request, Sequence) and not isinstance(request, str | bytes))
-
-
-def resend(request: Any, streaming_request: bool) -> Any:
-    return iter(request) if streaming_request else request
 
 
 def next_slot(
@@ -74,30 +64,52 @@ def retry_blocking(
     the plan allows; its result, or the last attempt's error."""
     if not replayable(request, streaming_request):
         raise error
-    pool, clock = multicallable._pool, multicallable._clock
     while True:
         slot, timeout = next_slot(multicallable, state, error, wait_for_ready)
-        bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
-        send = getattr(bound, attribute) if attribute else bound
-        started = None if streaming_request else clock()
         try:
-            result = send(
+            return send_on(
+                multicallable,
+                slot,
+                attribute,
                 resend(request, streaming_request),
                 timeout,
                 with_attempts(metadata, state.previous),
                 credentials,
                 wait_for_ready,
                 compression,
+                not streaming_request,
             )
         except grpc.RpcError as failure:
-            pool.end(slot, started, failure.code())
             error = failure
-            continue
-        except BaseException:
-            pool.end(slot, None, _UNKNOWN)
-            raise
-        pool.end(slot, started)
-        return result
+
+
+def send_on(
+    multicallable: _MultiCallable,
+    slot: Slot,
+    attribute: str | None,
+    request: Any,
+    timeout: float | None,
+    metadata: Any,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+    sample_latency: bool,
+) -> Any:
+    """One blocking attempt on a slot already taken, its outcome reported to the pool."""
+    pool, clock = multicallable._pool, multicallable._clock
+    bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+    send = getattr(bound, attribute) if attribute else bound
+    started = clock() if sample_latency else None
+    try:
+        result = send(request, timeout, metadata, credentials, wait_for_ready, compression)
+    except grpc.RpcError as error:
+        pool.end(slot, started, error.code())
+        raise
+    except BaseException:
+        pool.end(slot, None, _UNKNOWN)
+        raise
+    pool.end(slot, started)
+    return result
 
 
 def first_attempt_special(
@@ -122,22 +134,25 @@ def first_attempt_special(
     attempt_timeout = plan.first_timeout(state, now)
     slot = pool.begin(wait_for_ready)
     state.tried.add(slot.route)
-    bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
-    send = getattr(bound, attribute) if attribute else bound
     try:
-        result = send(request, attempt_timeout, metadata, credentials, wait_for_ready, compression)
+        result = send_on(
+            multicallable,
+            slot,
+            attribute,
+            request,
+            attempt_timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+            True,
+        )
     except grpc.RpcError as error:
-        pool.end(slot, now, error.code())
         return retry_blocking(
             multicallable, error, state, attribute, request, metadata, credentials, wait_for_ready, compression, False
         )
-    except BaseException:
-        pool.end(slot, None, _UNKNOWN)
-        raise
-    finished = clock()
-    pool.end(slot, now)
     if plan.latency is not None:
-        plan.latency.add(finished - now)
+        plan.latency.add(clock() - now)
     return result
 
 
