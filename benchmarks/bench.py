@@ -1,11 +1,11 @@
 """poolkit's benchmark: unary echo over loopback, poolkit against plain grpcio.
 
     python benchmarks/bench.py [--quick] [--json out.json] [--rounds N] [--calls N]
-                               [--only {sync,aio,slow,hedge}[,...]]
+                               [--only {sync,aio,slow,hedge,future}[,...]]
 
-Four parts, each of which can be run alone with --only (repeatable, or a comma list):
-"sync" (threads), "aio" (asyncio tasks), "slow" (the slow-endpoint case) and "hedge"
-(hedged requests against one sometimes-slow server).
+Five parts, each of which can be run alone with --only (repeatable, or a comma list):
+"sync" (threads), "aio" (asyncio tasks), "slow" (the slow-endpoint case), "hedge"
+(hedged requests against one sometimes-slow server) and "future" (`future().result()`).
 
 The echo servers run in a child process (`poolkit.testing.spawn_echo_servers`), so the
 client's CPU time (`time.process_time()`, every thread of this process, grpc's own
@@ -43,6 +43,12 @@ the channels, warms them up, runs every round and closes them), the calls made b
                   poolkit-aio-4ep against, as grpc-rr-4ep is for poolkit-4ep
 At concurrency 256 a measurement makes at least `aio_calls_per_task` calls per task, so
 that it is more than the burst of the first 256 calls and the drain of the last.
+
+The future part (64 B): the same call made as `stub.Unary.future(request).result()`:
+  grpc-1ch-future          one grpc channel (the baseline of these rows)
+  poolkit-1ep-future       poolkit over the same single server, retries on (the default):
+                           its future is poolkit's retrying future
+  poolkit-1ep-noretry-future  the same with retry=None: grpc's own future on a pool slot
 
 The slow-endpoint case: four servers, one answering 20 ms late; poolkit's P2C peak EWMA
 against grpc's own round_robin policy over the same addresses. It reports latency and
@@ -95,7 +101,7 @@ SLOW_DELAY = 0.020
 SERVER_WORKERS = 64
 BASELINE = "grpc-1ch"
 AIO_BASELINE = "grpc-aio-1ch"
-PARTS = ("sync", "aio", "slow", "hedge")
+PARTS = ("sync", "aio", "slow", "hedge", "future")
 # The hedging case: one server of four answers this late on this share of its calls.
 HEDGE_DELAY = 0.050
 HEDGE_SHARE = 0.1
@@ -105,6 +111,9 @@ CPU_TARGET = 1.05
 # is poolkit-1ep against this.
 NO_RETRY = "poolkit-1ep-noretry"
 AIO_NO_RETRY = "poolkit-aio-1ep-noretry"
+FUTURE_BASELINE = "grpc-1ch-future"
+FUTURE = "poolkit-1ep-future"
+FUTURE_NO_RETRY = "poolkit-1ep-noretry-future"
 NO_RETRY_CONFIG = poolkit.PoolConfig(retry=None)
 
 
@@ -390,6 +399,16 @@ def grpc_single_channel(address: str, calls: int) -> Case:
     return Case(BASELINE, stub.Unary, calls, channel.close)
 
 
+def as_future(case: Case) -> Case:
+    """The same channel's calls made as `future(...).result()` (it closes with `case`)."""
+    method = case.call
+
+    def call(request: Any, timeout: float) -> Any:
+        return method.future(request, timeout=timeout).result()
+
+    return Case(f"{case.name}-future", call, case.calls, case.close)
+
+
 def grpc_fresh_channel(address: str, calls: int) -> Case:
     def call(request: Any, timeout: float) -> Any:
         with grpc.insecure_channel(address) as channel:
@@ -583,6 +602,36 @@ def bench_overhead(settings: Settings) -> list[dict[str, Any]]:
     return groups
 
 
+def bench_future(settings: Settings) -> list[dict[str, Any]]:
+    """Futures at 64 B: poolkit's retrying future against grpc's own, on one server."""
+    groups: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        servers = stack.enter_context(testing.spawn_echo_servers(1, max_workers=SERVER_WORKERS))
+        (address,) = servers.addresses
+        cases = [
+            stack.enter_context(as_future(grpc_single_channel(address, settings.calls))),
+            stack.enter_context(as_future(poolkit_channel("poolkit-1ep", f"ipv4:{address}", settings.calls))),
+            stack.enter_context(
+                as_future(poolkit_channel(NO_RETRY, f"ipv4:{address}", settings.calls, NO_RETRY_CONFIG))
+            ),
+        ]
+        request = testing.EchoRequest(payload=os.urandom(64))
+        for concurrency in settings.concurrencies:
+            progress = f"future, concurrency {concurrency}, 64 B"
+            samples = run_rounds(
+                servers,
+                cases,
+                request,
+                concurrency,
+                settings.rounds,
+                settings.warmup_calls,
+                settings.measurement_limit,
+                progress,
+            )
+            groups.append({"concurrency": concurrency, "payload": 64, "cases": summarise(samples, FUTURE_BASELINE)})
+    return groups
+
+
 def bench_aio(settings: Settings) -> list[dict[str, Any]]:
     groups: list[dict[str, Any]] = []
     with testing.spawn_echo_servers(4, max_workers=SERVER_WORKERS) as servers:
@@ -771,7 +820,10 @@ def _payload(size: int) -> str:
 
 
 def acceptance(
-    groups: Sequence[dict[str, Any]], slow: Sequence[dict[str, Any]], aio: Sequence[dict[str, Any]] = ()
+    groups: Sequence[dict[str, Any]],
+    slow: Sequence[dict[str, Any]],
+    aio: Sequence[dict[str, Any]] = (),
+    futures: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The figures the design holds poolkit to: client CPU per call within 5 % of plain
     grpcio at 64 B, and a much better tail than round_robin when one endpoint is slow.
@@ -799,6 +851,9 @@ def acceptance(
         figures["aio_cpu_within_target"] = all(v <= CPU_TARGET for v in held.values())
         figures["aio_cpu_ratio_64B_4ep_vs_grpc_aio_rr_4ep"] = cpu_vs_rr
         figures["aio_retry_cpu_ratio_64B"] = _pair_figures(aio, "poolkit-aio-1ep", AIO_NO_RETRY)
+    if futures:
+        figures["future_cpu_ratio_64B"] = _pair_figures(futures, FUTURE, FUTURE_BASELINE)
+        figures["future_retry_cpu_ratio_64B"] = _pair_figures(futures, FUTURE, FUTURE_NO_RETRY)
     if slow:
         figures["slow_endpoint_p99_ratio_vs_round_robin"] = {
             f"c={result['concurrency']}": result["cases"]["poolkit-p2c_peak_ewma"]["ratios"]["p99_ms"]
@@ -879,7 +934,14 @@ def acceptance_text(figures: dict[str, Any]) -> str:
         if figures["aio_cpu_ratio_64B_4ep_vs_grpc_aio_rr_4ep"]:
             lines.append("Client CPU per call, poolkit-aio-4ep / grpc-aio-rr-4ep (same four servers), 64 B:")
             lines.extend(_vs_rr_lines(figures["aio_cpu_ratio_64B_4ep_vs_grpc_aio_rr_4ep"]))
-    for key, label in (("retry_cpu_ratio_64B", NO_RETRY), ("aio_retry_cpu_ratio_64B", AIO_NO_RETRY)):
+    if figures.get("future_cpu_ratio_64B"):
+        lines.append(f"Client CPU per call of future().result(), {FUTURE} / {FUTURE_BASELINE}, 64 B:")
+        lines.extend(_vs_rr_lines(figures["future_cpu_ratio_64B"]))
+    for key, label in (
+        ("retry_cpu_ratio_64B", NO_RETRY),
+        ("aio_retry_cpu_ratio_64B", AIO_NO_RETRY),
+        ("future_retry_cpu_ratio_64B", FUTURE_NO_RETRY),
+    ):
         if figures.get(key):
             lines.append(f"Client CPU per call with retries on (the default) / {label}, 64 B:")
             lines.extend(_vs_rr_lines(figures[key]))
@@ -943,8 +1005,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups = bench_overhead(settings) if "sync" in settings.parts else []
     slow = bench_slow_endpoint(settings) if "slow" in settings.parts else []
     hedging = bench_hedging(settings) if "hedge" in settings.parts else []
+    futures = bench_future(settings) if "future" in settings.parts else []
     aio = bench_aio(settings) if "aio" in settings.parts else []
-    figures = acceptance(groups, slow, aio)
+    figures = acceptance(groups, slow, aio, futures)
     env["loadavg_end"] = list(os.getloadavg())
     env["duration_s"] = round(time.perf_counter() - started, 1)
 
@@ -965,6 +1028,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print()
         print(overhead_table(aio))
+    if futures:
+        print(f"Futures: medians of {settings.rounds} interleaved rounds; x = ratio to {FUTURE_BASELINE}")
+        print()
+        print(overhead_table(futures))
     if slow:
         print(f"Slow endpoint: 4 servers, one {SLOW_DELAY * 1000:.0f} ms slower;", end=" ")
         print(f"medians of {settings.slow_rounds} rounds; x = ratio to grpc-round_robin;")
@@ -990,6 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "aio": aio,
             "slow_endpoint": slow,
             "hedging": hedging,
+            "future": futures,
             "acceptance": figures,
         }
         with open(args.json, "w", encoding="utf-8") as out:

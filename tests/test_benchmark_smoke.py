@@ -61,7 +61,7 @@ def _settings_for(argv: list[str]) -> Any:
 @pytest.mark.parametrize(
     ("argv", "parts"),
     [
-        ([], ("sync", "aio", "slow", "hedge")),
+        ([], ("sync", "aio", "slow", "hedge", "future")),
         (["--only", "hedge"], ("hedge",)),
         (["--only", "aio"], ("aio",)),
         (["--only", "slow,sync"], ("sync", "slow")),
@@ -118,14 +118,22 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
     assert "Client CPU per call, poolkit.aio / grpc.aio" in done.stdout
 
     result = json.loads(out.read_text())
-    assert {"environment", "settings", "overhead", "aio", "slow_endpoint", "hedging", "acceptance"} <= result.keys()
+    assert {"environment", "settings", "overhead", "aio", "slow_endpoint", "hedging", "future", "acceptance"} <= (
+        result.keys()
+    )
     env = result["environment"]
     for key in ("python", "grpcio", "poolkit", "cpu_count", "date"):
         assert env[key]
     assert result["settings"]["quick"] is True
-    assert result["settings"]["parts"] == ["sync", "aio", "slow", "hedge"]
+    assert result["settings"]["parts"] == ["sync", "aio", "slow", "hedge", "future"]
     assert "retry_cpu_ratio_64B" in result["acceptance"]
     assert "aio_retry_cpu_ratio_64B" in result["acceptance"]
+    assert "future_retry_cpu_ratio_64B" in result["acceptance"]
+    for group in result["future"]:
+        assert set(group["cases"]) == {"grpc-1ch-future", "poolkit-1ep-future", "poolkit-1ep-noretry-future"}
+        for case in group["cases"].values():
+            _check_case(case)
+            assert case["conns"] == 1
     (hedging,) = result["hedging"]
     assert set(hedging["cases"]) == {"poolkit-no-hedge", "poolkit-hedge-p95", "poolkit-hedge-10ms"}
     assert hedging["cases"]["poolkit-no-hedge"]["hedges_per_call"] == 0

@@ -294,11 +294,12 @@ def assert_settles(client: Client) -> None:
 
 @pytest.fixture
 def echo() -> Iterator[Callable[..., EchoServers]]:
-    """Starts in-process echo servers (`count`, with per-server `delays`); stops them after the test."""
+    """Starts in-process echo servers (`count`, with per-server `delays` and grpc server
+    `options`); stops them after the test."""
     started: list[EchoServers] = []
 
-    def start(count: int, *, delays: Sequence[float] = ()) -> EchoServers:
-        servers = start_echo_servers(count, delays=delays)
+    def start(count: int, *, delays: Sequence[float] = (), options: Sequence[tuple[str, object]] = ()) -> EchoServers:
+        servers = start_echo_servers(count, delays=delays, options=options)
         started.append(servers)
         return servers
 
@@ -659,3 +660,276 @@ def test_exhausted_budget_returns_the_original_error(client: Client, echo: Calla
     assert refused == list(range(1, BUDGET_CALLS + 1))
     assert client.describe()["retry_budget"]["retries"] == 1
     assert_settles(client)
+
+
+# -- 10. an attempt timeout ends a slow attempt and the call goes on -------------------------
+
+STUCK = 3.0  # the stuck server's latency: far beyond the attempt timeout
+ATTEMPT_TIMEOUT_POLICY = RetryPolicy(idempotent=True, attempt_timeout=0.2, initial_backoff=0.01, max_backoff=0.02)
+
+
+def test_attempt_timeout_moves_a_stuck_call_on(client: Client, echo: Callable[..., EchoServers]) -> None:
+    """An idempotent method with an attempt timeout: the attempt on a stuck server is ended
+    by its own timeout (not the caller's deadline) and the call is answered by the other
+    endpoint, as attempt 2."""
+    servers = echo(2, delays=(STUCK, 0.0))
+    stuck, fast = servers
+    client.open(servers.addresses, pool_config(weights={stuck.address: HEAVY}, retry=ATTEMPT_TIMEOUT_POLICY))
+
+    response = client.unary(timeout=CALL_TIMEOUT)
+
+    assert response.server_id == fast.server_id
+    assert previous_attempts(response) == "1"
+    assert (stuck.calls, fast.calls) == (1, 1)
+    assert client.describe()["retry_budget"]["retries"] == 1
+    assert_settles(client)
+
+
+# -- 11. connections recycled under load: refused streams are requeued ----------------------
+
+# Servers close every connection after 50 ms with a GOAWAY; a stream that crosses the
+# GOAWAY is refused unprocessed and must be requeued, for any method.
+RECYCLING = [("grpc.max_connection_age_ms", 50), ("grpc.max_connection_age_grace_ms", 10_000)]
+RECYCLE_CALLS = 1500
+RECYCLE_CONCURRENCY = 8
+
+
+def test_calls_survive_connections_recycled_by_goaway(client: Client, echo: Callable[..., EchoServers]) -> None:
+    """Under the default (non-idempotent) policy, calls over connections the servers keep
+    recycling with GOAWAY all succeed: none reached a server twice, and whatever grpc
+    refused unsent was requeued."""
+    servers = echo(2, options=RECYCLING)
+    client.open(servers.addresses, pool_config())
+
+    outcomes = client.unary_many(RECYCLE_CALLS, concurrency=RECYCLE_CONCURRENCY)
+
+    failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    budget = client.describe()["retry_budget"]
+    print(f"\n[recycling {client.kind}] {RECYCLE_CALLS} calls, {len(failures)} failed, {budget['requeues']} requeued")
+    assert failures == []
+    assert served(servers) == RECYCLE_CALLS, "a call reached a server twice"
+    assert budget["retries"] == 0, budget
+    assert_settles(client)
+
+
+# -- 12. the sync future() -----------------------------------------------------------------
+# A future has no thread of its own: its retries are decided in grpc's callback thread and
+# sent from a timer. These tests drive poolkit.Channel directly (asyncio has no future()).
+
+
+@pytest.fixture
+def sync_channel() -> Iterator[Callable[..., poolkit.Channel]]:
+    opened: list[poolkit.Channel] = []
+
+    def open_channel(target: str | Sequence[str], config: PoolConfig) -> poolkit.Channel:
+        channel = poolkit.insecure_channel(target, config=config)
+        opened.append(channel)
+        return channel
+
+    yield open_channel
+    for channel in opened:
+        channel.close()
+
+
+def settled(channel: poolkit.Channel) -> None:
+    wait_until(lambda: channel.describe()["in_flight"] == 0, lambda: f"in-flight to return to 0: {channel.describe()}")
+
+
+class DoneCallbacks:
+    """Records each call of a future's done-callback: which future, and its code then."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, grpc.StatusCode]] = []
+
+    def __call__(self, future: Any) -> None:
+        self.calls.append((future, future.code()))
+
+
+def start_future(stub: EchoStub, shape: str, request: EchoRequest = REQUEST, **kwargs: Any) -> Any:
+    if shape == "unary":
+        return stub.Unary.future(request, **kwargs)
+    return stub.ClientStream.future([request, EchoRequest(payload=b"b")], **kwargs)
+
+
+@pytest.mark.parametrize("shape", ["unary", "client_stream"])
+def test_future_is_retried_on_another_endpoint(
+    sync_channel: Callable[..., poolkit.Channel], echo: Callable[..., EchoServers], shape: str
+) -> None:
+    """future() of an idempotent method that fails with UNAVAILABLE is sent again to the
+    other endpoint; the caller's one future gives the success, and its done-callback runs
+    once, when the call (not the failed attempt) is over."""
+    servers = echo(2)
+    first, other = servers
+    channel = sync_channel(servers.addresses, pool_config(weights={first.address: HEAVY}, retry=IDEMPOTENT))
+    first.fail_next(1)
+    callbacks = DoneCallbacks()
+
+    future = start_future(EchoStub(channel), shape, timeout=CALL_TIMEOUT)
+    future.add_done_callback(callbacks)
+    response = future.result(timeout=CALL_TIMEOUT)
+
+    assert response.server_id == other.server_id
+    assert previous_attempts(response) == "1"
+    assert (first.calls, other.calls) == (1, 1)
+    assert future.code() is OK
+    assert future.done()
+    assert not future.cancelled()
+    wait_until(lambda: len(callbacks.calls) == 1, lambda: f"one done-callback: {callbacks.calls}")
+    assert callbacks.calls == [(future, OK)]
+    late = DoneCallbacks()
+    future.add_done_callback(late)  # added when over: called at once
+    assert late.calls == [(future, OK)]
+    assert channel.describe()["retry_budget"]["retries"] == 1
+    settled(channel)
+
+
+def test_future_that_never_left_is_requeued(
+    sync_channel: Callable[..., poolkit.Channel], echo: Callable[..., EchoServers], dead_address: str
+) -> None:
+    """Futures of a non-idempotent method sent towards a refusing endpoint are requeued to
+    the live one, from grpc's callback thread: all succeed, each reached a server once."""
+    (live,) = echo(1)
+    channel = sync_channel([dead_address, live.address], pool_config(connect_on_start=False))
+    stub = EchoStub(channel)
+
+    futures = [stub.Unary.future(REQUEST, timeout=CALL_TIMEOUT) for _ in range(REQUEUE_CALLS)]
+    responses = [future.result(timeout=CALL_TIMEOUT) for future in futures]
+
+    assert {response.server_id for response in responses} == {live.server_id}
+    assert live.calls == REQUEUE_CALLS
+    budget = channel.describe()["retry_budget"]
+    assert budget["requeues"] >= 1, budget
+    assert budget["retries"] == 0, budget
+    settled(channel)
+
+
+def test_future_of_a_non_idempotent_method_is_not_retried(
+    sync_channel: Callable[..., poolkit.Channel], echo: Callable[..., EchoServers]
+) -> None:
+    """A non-idempotent future the server failed is over after one attempt: result()
+    raises, and exception() returns, the server's own error."""
+    servers = echo(2)
+    channel = sync_channel(servers.addresses, pool_config())
+    details = "failed after it arrived"
+
+    future = EchoStub(channel).Unary.future(failing(UNAVAILABLE, details), timeout=CALL_TIMEOUT)
+
+    with pytest.raises(grpc.RpcError) as raised:
+        future.result(timeout=CALL_TIMEOUT)
+    assert_original_error(raised.value, UNAVAILABLE, details)
+    assert_original_error(future.exception(), UNAVAILABLE, details)
+    assert (future.code(), future.details()) == (UNAVAILABLE, details)
+    assert served(servers) == 1
+    settled(channel)
+
+
+def test_future_with_a_one_shot_request_stream_is_sent_once(
+    sync_channel: Callable[..., poolkit.Channel], echo: Callable[..., EchoServers]
+) -> None:
+    """A request stream given as a generator cannot be sent again: its future is grpc's
+    own, and its failure is final even for an idempotent method."""
+    servers = echo(2)
+    channel = sync_channel(servers.addresses, pool_config(retry=IDEMPOTENT))
+    for server in servers:
+        server.fail_next(1)
+
+    future = EchoStub(channel).ClientStream.future((r for r in [REQUEST]), timeout=CALL_TIMEOUT)
+
+    assert future.exception(timeout=CALL_TIMEOUT).code() is UNAVAILABLE
+    assert served(servers) == 1
+    settled(channel)
+
+
+LONG_BACKOFF = RetryPolicy(idempotent=True, initial_backoff=0.3, max_backoff=0.3, jitter=0.0)
+
+
+def test_future_cancelled_while_waiting_to_retry(
+    sync_channel: Callable[..., poolkit.Channel], echo: Callable[..., EchoServers]
+) -> None:
+    """cancel() between attempts ends the call at once, as cancelled, and the retry it was
+    waiting to send is never sent."""
+    servers = echo(2)
+    channel = sync_channel(servers.addresses, pool_config(retry=LONG_BACKOFF))
+    callbacks = DoneCallbacks()
+    future = EchoStub(channel).Unary.future(failing(UNAVAILABLE, "retry me"), timeout=CALL_TIMEOUT)
+    future.add_done_callback(callbacks)
+    wait_until(lambda: channel.describe()["retry_budget"]["retries"] == 1, "the first attempt to fail")
+
+    assert future.cancel()
+
+    assert future.cancelled()
+    assert future.done()
+    assert not future.running()
+    assert (future.code(), future.details()) == (grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result()
+    assert callbacks.calls == [(future, grpc.StatusCode.CANCELLED)]
+    assert not future.cancel(), "already over"
+    time.sleep(2 * LONG_BACKOFF.max_backoff)  # past when the retry would have gone
+    assert served(servers) == 1
+    settled(channel)
+
+
+def test_future_cancelled_in_flight(
+    sync_channel: Callable[..., poolkit.Channel], echo: Callable[..., EchoServers]
+) -> None:
+    """cancel() while an attempt is out cancels that attempt; nothing is sent again."""
+    servers = echo(2, delays=(STUCK, STUCK))
+    channel = sync_channel(servers.addresses, pool_config(retry=IDEMPOTENT))
+    future = EchoStub(channel).Unary.future(REQUEST, timeout=CALL_TIMEOUT)
+    wait_until(lambda: served(servers) == 1, "the attempt to reach a server")
+
+    assert future.cancel()
+
+    assert future.cancelled()
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result()
+    assert future.code() is grpc.StatusCode.CANCELLED
+    settled(channel)
+    assert served(servers) == 1
+    assert channel.describe()["retry_budget"]["retries"] == 0
+
+
+def test_future_retries_stop_at_the_callers_deadline(
+    sync_channel: Callable[..., poolkit.Channel], echo: Callable[..., EchoServers]
+) -> None:
+    """A future of a slowly failing call is retried only while an attempt could finish
+    before the caller's deadline; it ends no later than the deadline (plus slack)."""
+    servers = echo(2, delays=(SLOW_FAILURE, SLOW_FAILURE))
+    channel = sync_channel(servers.addresses, pool_config(retry=DEADLINE_POLICY))
+
+    started = time.monotonic()
+    future = EchoStub(channel).Unary.future(failing(UNAVAILABLE, "slow failure"), timeout=DEADLINE)
+    remaining = future.time_remaining()
+    error = future.exception(timeout=CALL_TIMEOUT)
+    elapsed = time.monotonic() - started
+
+    assert remaining is not None
+    assert 0 < remaining <= DEADLINE
+    assert error.code() in {UNAVAILABLE, DEADLINE_EXCEEDED}, error
+    assert elapsed <= DEADLINE + DEADLINE_SLACK
+    assert 1 <= served(servers) <= 4 < DEADLINE_POLICY.max_attempts
+    settled(channel)
+
+
+def test_future_attempt_timeout_and_hedging(
+    sync_channel: Callable[..., poolkit.Channel], echo: Callable[..., EchoServers]
+) -> None:
+    """future() of a hedged method sent to a stuck server first is hedged to the other
+    one, whose answer wins; with an attempt timeout instead, the stuck attempt times out
+    and the retry answers. Either way the stuck attempt ends cancelled or timed out."""
+    servers = echo(2, delays=(STUCK, 0.0))
+    stuck, fast = servers
+    weights = {stuck.address: HEAVY}
+    hedged = sync_channel(servers.addresses, pool_config(weights=weights, retry=HEDGING_POLICY))
+    timed = sync_channel(servers.addresses, pool_config(weights=weights, retry=ATTEMPT_TIMEOUT_POLICY))
+
+    for channel, counter in ((hedged, "hedges"), (timed, "retries")):
+        response = EchoStub(channel).Unary.future(REQUEST, timeout=CALL_TIMEOUT).result(timeout=CALL_TIMEOUT)
+        assert response.server_id == fast.server_id
+        assert previous_attempts(response) == "1"
+        assert channel.describe()["retry_budget"][counter] == 1
+        settled(channel)
+        stuck_route = next(e for e in channel.describe()["endpoints"] if e["address"] == stuck.address)
+        assert (stuck_route["calls"], stuck_route["errors"]) == (1, 1), stuck_route
+    assert (stuck.calls, fast.calls) == (2, 2)

@@ -24,7 +24,8 @@ from ._errors import ConfigError
 from ._pool import Route, Slot
 from ._retry import Attempts, replayable, resend, with_attempts
 from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
-from ._sync_retry import RetryingStream, first_attempt_special, next_slot, retry_blocking
+from ._sync_future import RetryingFuture
+from ._sync_retry import RetryingStream, first_attempt_special, next_slot, retry_blocking, start_on
 from ._sync_watch import DiscoveryThread, HealthThread
 from ._target import Endpoint
 
@@ -380,7 +381,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return _start(self, request, timeout, metadata, credentials, wait_for_ready, compression, "future", True)
+        return _future(self, request, timeout, metadata, credentials, wait_for_ready, compression, False)
 
 
 class _UnaryStream(_MultiCallable, _UnaryStreamBase):
@@ -432,9 +433,7 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return _start(
-            self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, "future", False
-        )
+        return _future(self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, True)
 
 
 class _StreamStream(_MultiCallable, _StreamStreamBase):
@@ -452,7 +451,7 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         return _start_stream(self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, True)
 
 
-def _start(
+def _future(
     multicallable: _MultiCallable,
     request: Any,
     timeout: float | None,
@@ -460,14 +459,18 @@ def _start(
     credentials: grpc.CallCredentials | None,
     wait_for_ready: bool | None,
     compression: grpc.Compression | None,
-    attribute: str | None,
-    sample_latency: bool,
+    streaming_request: bool,
 ) -> Any:
-    """Start a call that returns at once (a future) on a slot of its own."""
+    """Start a call that returns a future at once: grpc's own future on a slot of its own
+    when it is never sent again, else one that retries (`RetryingFuture`)."""
+    if multicallable._plan.requeues and replayable(request, streaming_request):
+        return RetryingFuture(
+            multicallable, request, timeout, metadata, credentials, wait_for_ready, compression, streaming_request
+        )
     slot = multicallable._pool.begin(wait_for_ready)
-    started = multicallable._clock() if sample_latency else None
-    return _start_on(
-        multicallable, slot, attribute, started, request, timeout, metadata, credentials, wait_for_ready, compression
+    started = None if streaming_request else multicallable._clock()
+    return start_on(
+        multicallable, slot, "future", started, request, timeout, metadata, credentials, wait_for_ready, compression
     )
 
 
@@ -486,7 +489,7 @@ def _start_stream(
     again = replayable(request, streaming_request)
     sent = resend(request, streaming_request) if again else request
     slot = multicallable._pool.begin(wait_for_ready)
-    call = _start_on(multicallable, slot, None, None, sent, timeout, metadata, credentials, wait_for_ready, compression)
+    call = start_on(multicallable, slot, None, None, sent, timeout, metadata, credentials, wait_for_ready, compression)
     if not again or not multicallable._plan.requeues:
         return call
     state: list[Attempts] = []  # made on the first failure
@@ -497,7 +500,7 @@ def _start_stream(
             state.append(multicallable._plan.first(started, timeout, route))
         attempts = state[0]
         slot, attempt_timeout = next_slot(multicallable, attempts, error, wait_for_ready)
-        return _start_on(
+        return start_on(
             multicallable,
             slot,
             None,
@@ -511,34 +514,3 @@ def _start_stream(
         )
 
     return RetryingStream(call, restart)
-
-
-def _start_on(
-    multicallable: _MultiCallable,
-    slot: Slot,
-    attribute: str | None,
-    started: float | None,
-    request: Any,
-    timeout: float | None,
-    metadata: Any,
-    credentials: grpc.CallCredentials | None,
-    wait_for_ready: bool | None,
-    compression: grpc.Compression | None,
-) -> Any:
-    """Start a call that returns at once (a future, a response stream) on `slot`, and
-    release the slot from grpc's callback, which runs whichever way the call ends:
-    response, error, deadline, cancel(), or the call object being dropped unfinished."""
-    bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
-    try:
-        target = getattr(bound, attribute) if attribute else bound
-        call = target(request, timeout, metadata, credentials, wait_for_ready, compression)
-    except BaseException:
-        multicallable._pool.end(slot, None, grpc.StatusCode.UNKNOWN)
-        raise
-    # add_callback, not add_done_callback: grpc keeps done-callbacks bound to the call
-    # object, which would keep an abandoned stream alive (and its slot busy) until the
-    # server ends it; a plain callback with a weak reference lets grpc cancel it on collection.
-    end = functools.partial(multicallable._end_call, slot, started, weakref.ref(call))
-    if not call.add_callback(end):
-        end()  # already over
-    return call

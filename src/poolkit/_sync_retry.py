@@ -6,8 +6,10 @@ the start): a call that succeeds first time never comes here.
 
 from __future__ import annotations
 
+import functools
 import queue
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +112,37 @@ def send_on(
         raise
     pool.end(slot, started)
     return result
+
+
+def start_on(
+    multicallable: _MultiCallable,
+    slot: Slot,
+    attribute: str | None,
+    started: float | None,
+    request: Any,
+    timeout: float | None,
+    metadata: Any,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+) -> Any:
+    """Start a call that returns at once (a future, a response stream) on `slot`, and
+    release the slot from grpc's callback, which runs whichever way the call ends:
+    response, error, deadline, cancel(), or the call object being dropped unfinished."""
+    bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+    try:
+        target = getattr(bound, attribute) if attribute else bound
+        call = target(request, timeout, metadata, credentials, wait_for_ready, compression)
+    except BaseException:
+        multicallable._pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+        raise
+    # add_callback, not add_done_callback: grpc keeps done-callbacks bound to the call
+    # object, which would keep an abandoned stream alive (and its slot busy) until the
+    # server ends it; a plain callback with a weak reference lets grpc cancel it on collection.
+    end = functools.partial(multicallable._end_call, slot, started, weakref.ref(call))
+    if not call.add_callback(end):
+        end()  # already over
+    return call
 
 
 def first_attempt_special(
