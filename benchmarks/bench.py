@@ -26,6 +26,9 @@ Cases:
   poolkit-4ep     poolkit over four servers
   poolkit-1ep-noretry  poolkit over the same single server with retry=None: the
                   success-path cost of retries is poolkit-1ep against it
+  poolkit-4ep-1src, poolkit-4ep-4src  poolkit over the same four servers with its connections
+                  bound to one source address (127.0.0.2) or four (127.0.0.2-5; 16 routes):
+                  the cost of source binding is these against poolkit-4ep
   grpc-rr-4ep     one grpc channel with its round_robin policy over the same four servers:
                   the cost of four connections without poolkit, to read poolkit-4ep against
   grpc-fresh      a new grpc channel + stub per call, closed after (contrast; fewer calls).
@@ -115,6 +118,13 @@ FUTURE_BASELINE = "grpc-1ch-future"
 FUTURE = "poolkit-1ep-future"
 FUTURE_NO_RETRY = "poolkit-1ep-noretry-future"
 NO_RETRY_CONFIG = poolkit.PoolConfig(retry=None)
+# Source binding: the same four servers from one or four local source addresses.
+ONE_SOURCE = "poolkit-4ep-1src"
+FOUR_SOURCES = "poolkit-4ep-4src"
+SOURCE_CONFIGS = {
+    ONE_SOURCE: poolkit.PoolConfig(source_addresses=["127.0.0.2"]),
+    FOUR_SOURCES: poolkit.PoolConfig(source_addresses=[f"127.0.0.{i}" for i in range(2, 6)]),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -582,6 +592,10 @@ def bench_overhead(settings: Settings) -> list[dict[str, Any]]:
             stack.enter_context(poolkit_channel("poolkit-1ep", f"ipv4:{first}", settings.calls)),
             stack.enter_context(poolkit_channel(NO_RETRY, f"ipv4:{first}", settings.calls, NO_RETRY_CONFIG)),
             stack.enter_context(poolkit_channel("poolkit-4ep", servers.target, settings.calls)),
+            *(
+                stack.enter_context(poolkit_channel(name, servers.target, settings.calls, config))
+                for name, config in SOURCE_CONFIGS.items()
+            ),
             stack.enter_context(grpc_round_robin("grpc-rr-4ep", servers.target, settings.calls)),
             stack.enter_context(grpc_fresh_channel(first, settings.fresh_calls)),
         ]
@@ -843,6 +857,10 @@ def acceptance(
         figures["cpu_within_target"] = all(v <= CPU_TARGET for v in cpu.values())
         figures["cpu_ratio_64B_4ep_vs_grpc_rr_4ep"] = cpu_vs_rr
         figures["retry_cpu_ratio_64B"] = _pair_figures(groups, "poolkit-1ep", NO_RETRY)
+        figures["source_cpu_ratio_64B"] = {
+            **_pair_figures(groups, ONE_SOURCE, "poolkit-4ep"),
+            **_pair_figures(groups, FOUR_SOURCES, "poolkit-4ep"),
+        }
     if aio:
         cpu, cpu_paired, cpu_vs_rr = _cpu_figures(aio, ("poolkit-aio-1ep", "poolkit-aio-4ep"), "grpc-aio-rr-4ep")
         figures["aio_cpu_ratio_64B"] = cpu
@@ -934,6 +952,9 @@ def acceptance_text(figures: dict[str, Any]) -> str:
         if figures["aio_cpu_ratio_64B_4ep_vs_grpc_aio_rr_4ep"]:
             lines.append("Client CPU per call, poolkit-aio-4ep / grpc-aio-rr-4ep (same four servers), 64 B:")
             lines.extend(_vs_rr_lines(figures["aio_cpu_ratio_64B_4ep_vs_grpc_aio_rr_4ep"]))
+    if figures.get("source_cpu_ratio_64B"):
+        lines.append("Client CPU per call with connections bound to source addresses / poolkit-4ep (unbound), 64 B:")
+        lines.extend(_vs_rr_lines(figures["source_cpu_ratio_64B"]))
     if figures.get("future_cpu_ratio_64B"):
         lines.append(f"Client CPU per call of future().result(), {FUTURE} / {FUTURE_BASELINE}, 64 B:")
         lines.extend(_vs_rr_lines(figures["future_cpu_ratio_64B"]))

@@ -129,6 +129,9 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
     assert "retry_cpu_ratio_64B" in result["acceptance"]
     assert "aio_retry_cpu_ratio_64B" in result["acceptance"]
     assert "future_retry_cpu_ratio_64B" in result["acceptance"]
+    assert set(result["acceptance"]["source_cpu_ratio_64B"]) == {
+        f"poolkit-4ep-{n}src c={c}" for n in (1, 4) for c in (1, 32)
+    }
     for group in result["future"]:
         assert set(group["cases"]) == {"grpc-1ch-future", "poolkit-1ep-future", "poolkit-1ep-noretry-future"}
         for case in group["cases"].values():
@@ -150,6 +153,8 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
             "poolkit-1ep",
             "poolkit-1ep-noretry",
             "poolkit-4ep",
+            "poolkit-4ep-1src",
+            "poolkit-4ep-4src",
             "grpc-rr-4ep",
         } <= cases.keys()
         for case in cases.values():
@@ -159,6 +164,9 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
         assert cases["grpc-1ch"]["conns"] == 1
         assert cases["poolkit-1ep"]["conns"] == 1
         assert cases["grpc-rr-4ep"]["conns"] == 4
+        # One connection per route: 4 endpoints x 1 source, 4 endpoints x 4 sources.
+        assert cases["poolkit-4ep-1src"]["conns"] == 4
+        assert cases["poolkit-4ep-4src"]["conns"] == 16
 
     # asyncio: one group per concurrency, the same columns, ratios to grpc-aio-1ch.
     assert [(group["concurrency"], group["payload"]) for group in result["aio"]] == [(1, 64), (256, 64)]

@@ -10,7 +10,7 @@
 from . import aio
 from ._channel import Channel, insecure_channel, secure_channel
 from ._config import FailureAccrual, HealthCheck, Hedging, PoolConfig, RetryBudget, RetryPolicy
-from ._errors import ConfigError, PoolClosedError, PoolkitError, PoolUnavailableError
+from ._errors import ConfigError, PoolClosedError, PoolkitError, PoolUnavailableError, SourceBindingUnavailable
 from ._version import __version__
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "PoolkitError",
     "RetryBudget",
     "RetryPolicy",
+    "SourceBindingUnavailable",
     "__version__",
     "aio",
     "insecure_channel",

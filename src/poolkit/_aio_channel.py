@@ -29,7 +29,6 @@ from ._pool import REQUEUE, RETRY, Route, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, replayable, with_attempts
 from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options, take_hedge_slot
-from ._target import Endpoint
 
 _OK = grpc.StatusCode.OK
 _UNKNOWN = grpc.StatusCode.UNKNOWN
@@ -132,7 +131,7 @@ class Channel(Pooled, grpc.aio.Channel):
 
     def _open_route(self, route: Route) -> None:
         for slot in route.slots:
-            slot.channel = self._open(route.endpoint)
+            slot.channel = self._open(route)
             if self.config.connect_on_start:
                 slot.channel.get_state(try_to_connect=True)
         if self._tasks is not None:
@@ -150,7 +149,7 @@ class Channel(Pooled, grpc.aio.Channel):
             if self._interceptors:
                 # The caller's interceptors are for the caller's calls: health checks get a
                 # connection of their own rather than showing up in their traces and metrics.
-                channel = self._health_channels[route] = self._open(route.endpoint, interceptors=False)
+                channel = self._health_channels[route] = self._open(route, interceptors=False)
             tasks.append(asyncio.ensure_future(check_health(pool, route, channel, health, pool.rng)))
         self._tasks[route] = tasks
 
@@ -181,8 +180,9 @@ class Channel(Pooled, grpc.aio.Channel):
             for task in tasks:
                 task.cancel()
 
-    def _open(self, endpoint: Endpoint, *, interceptors: bool = True) -> grpc.aio.Channel:
-        options = slot_options(endpoint, self._grpc_options)
+    def _open(self, route: Route, *, interceptors: bool = True) -> grpc.aio.Channel:
+        endpoint = route.endpoint
+        options = slot_options(route, self._grpc_options)
         chain = self._interceptors if interceptors else None
         if self._credentials is None:
             return grpc.aio.insecure_channel(endpoint.grpc_target, options, self._compression, chain)

@@ -27,7 +27,6 @@ from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Ser
 from ._sync_future import RetryingFuture
 from ._sync_retry import RetryingStream, first_attempt_special, next_slot, retry_blocking, start_on
 from ._sync_watch import DiscoveryThread, HealthThread
-from ._target import Endpoint
 
 # How long close() waits for each background thread; they stop promptly once told.
 _JOIN_TIMEOUT = 2.0
@@ -97,7 +96,7 @@ class Channel(Pooled, grpc.Channel):
 
     def _open_route(self, route: Route) -> None:
         for slot in route.slots:
-            slot.channel = self._open(route.endpoint, self._grpc_options)
+            slot.channel = self._open(route, self._grpc_options)
         for slot in route.slots:
             # Weakly: grpc's polling thread holds the watcher, and a strong reference would
             # keep a dropped poolkit channel (and its connections) alive for ever.
@@ -141,8 +140,9 @@ class Channel(Pooled, grpc.Channel):
         self._retire_drained()
         return self._maintenance_wait()
 
-    def _open(self, endpoint: Endpoint, options: ChannelOptions) -> grpc.Channel:
-        slot_opts = slot_options(endpoint, options)
+    def _open(self, route: Route, options: ChannelOptions) -> grpc.Channel:
+        endpoint = route.endpoint
+        slot_opts = slot_options(route, options)
         if self._credentials is None:
             return grpc.insecure_channel(endpoint.grpc_target, options=slot_opts)
         return grpc.secure_channel(endpoint.grpc_target, self._credentials, options=slot_opts)

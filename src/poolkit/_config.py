@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
@@ -12,6 +13,8 @@ import grpc
 
 from ._budget import DEFAULT_MIN_PER_SECOND, DEFAULT_RATIO, DEFAULT_WINDOW, validate_budget
 from ._errors import ConfigError
+
+_IFNAMSIZ = 16  # an interface name is shorter than this (Linux)
 
 Balancer = Literal["p2c_peak_ewma", "p2c_least_loaded", "round_robin"]
 BALANCERS: tuple[str, ...] = ("p2c_peak_ewma", "p2c_least_loaded", "round_robin")
@@ -233,6 +236,14 @@ class PoolConfig:
     """grpc channels (each its own TCP connection) per endpoint. One HTTP/2 connection
     multiplexes many calls; more exist for server stream limits and spreading load."""
 
+    source_addresses: Sequence[str] = ()
+    """Local addresses to open connections from: IPv4 and IPv6 literals, or network
+    interface names (standing for their addresses). Each (endpoint, source) pair of the
+    same address family is a route with its own connection(s), balanced like any other,
+    so connections and their ports spread over the sources: each source address is
+    another ephemeral port range towards every server. Every address must be assigned
+    to this host (checked when a channel is built). Empty: the kernel chooses."""
+
     weights: Mapping[str, float] = field(default_factory=dict)
     """Relative share of calls per endpoint, keyed by its address ("10.0.0.1:50051",
     "[::1]:50051"). Endpoints not named weigh 1.0."""
@@ -299,6 +310,7 @@ class PoolConfig:
         _check_positive("initial_rtt", self.initial_rtt)
         if not isinstance(self.connect_on_start, bool):
             raise ConfigError("connect_on_start", self.connect_on_start, "must be True or False")
+        object.__setattr__(self, "source_addresses", _source_addresses(self.source_addresses))
         if not isinstance(self.weights, Mapping):
             raise ConfigError("weights", self.weights, "must be a mapping of endpoint address to weight")
         for address, weight in self.weights.items():
@@ -333,6 +345,28 @@ class PoolConfig:
         object.__setattr__(self, "method_retry", MappingProxyType(dict(self.method_retry)))
         if not isinstance(self.retry_budget, RetryBudget):
             raise ConfigError("retry_budget", self.retry_budget, "must be a poolkit.RetryBudget")
+
+
+def _source_addresses(value: object) -> tuple[str, ...]:
+    """`source_addresses` as a tuple of IP literals (compressed) and interface names."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigError("source_addresses", value, "must be a list of local IP addresses or interface names")
+    names: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError("source_addresses", item, "each must be an IP address or an interface name")
+        try:
+            name = ipaddress.ip_address(item.strip()).compressed
+        except ValueError:
+            name = item.strip()
+            if "/" in name or " " in name or len(name) >= _IFNAMSIZ:
+                raise ConfigError(
+                    "source_addresses", item, "is neither an IP address nor a network interface name"
+                ) from None
+        if name in names:
+            raise ConfigError("source_addresses", item, "is listed twice")
+        names.append(name)
+    return tuple(names)
 
 
 def _check_int(name: str, value: object, *, low: int, high: int) -> None:

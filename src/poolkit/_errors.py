@@ -21,6 +21,11 @@ class ConfigError(PoolkitError, ValueError):
         self.value = value
 
 
+class SourceBindingUnavailable(PoolkitError):  # noqa: N818 - the name users look for
+    """This grpcio cannot bind connections to a source address (`PoolConfig.source_addresses`):
+    poolkit's check on first use failed. Raised at channel construction, never per call."""
+
+
 class PoolUnavailableError(PoolkitError, grpc.RpcError, grpc.Call):
     """A call that poolkit could not send anywhere (pool closed, no usable endpoint).
 

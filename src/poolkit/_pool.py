@@ -1,9 +1,10 @@
 """The pool's state and decisions, free of I/O: which slot a call goes to, what is in
 flight, how each route is doing, which routes are out of rotation and why.
 
-A route is an endpoint (later, an endpoint × source address); a slot is one grpc
-channel, one TCP connection, of a route. The shells (sync, asyncio) create and close the
-channels and run the health checks and resolutions; they report what they see here
+A route is an endpoint, or an endpoint × source address when connections are bound to
+local sources; a slot is one grpc channel, one TCP connection, of a route. The shells
+(sync, asyncio) create and close the channels and run the health checks and
+resolutions; they report what they see here
 (`set_slot_state`, `set_health`, `update_endpoints`) and this module decides. It takes a
 lock for its own bookkeeping and never holds it across I/O, so one instance serves
 threads and tasks alike.
@@ -32,6 +33,7 @@ from ._budget import TokenBudget
 from ._config import PoolConfig
 from ._errors import PoolClosedError, PoolUnavailableError
 from ._metric import LeastLoaded, LoadMetric, PeakEwma
+from ._source import Source, sources_for
 from ._target import Endpoint
 
 Clock = Callable[[], float]
@@ -96,11 +98,12 @@ class Slot:
         self.errors = 0
 
     def __repr__(self) -> str:
-        return f"<Slot {self.route.endpoint.address}#{self.index} {self.state.name} pending={self.pending}>"
+        return f"<Slot {self.route.name}#{self.index} {self.state.name} pending={self.pending}>"
 
 
 class Route:
-    """An endpoint as the balancer sees it: a load metric, a weight, its slots and health."""
+    """An endpoint (from a source address, if bound) as the balancer sees it: a load
+    metric, a weight, its slots and health."""
 
     __slots__ = (
         "accrual",
@@ -111,16 +114,27 @@ class Route:
         "health",
         "live",
         "metric",
+        "name",
         "probe",
         "slots",
+        "source",
         "status",
         "weight",
     )
 
     def __init__(
-        self, endpoint: Endpoint, metric: LoadMetric, weight: float, slot_count: int, accrual: Accrual | None
+        self,
+        endpoint: Endpoint,
+        metric: LoadMetric,
+        weight: float,
+        slot_count: int,
+        accrual: Accrual | None,
+        source: Source | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.source = source
+        # How logs, errors and transitions name it: "10.0.0.1:50051 from 10.0.0.7".
+        self.name = endpoint.address if source is None else f"{endpoint.address} from {source.address}"
         self.metric = metric
         self.weight = weight
         self.slots = [Slot(self, i) for i in range(slot_count)]
@@ -163,7 +177,7 @@ class Route:
         self.live = ready or [s for s in self.slots if not s.failing] or self.slots
 
     def __repr__(self) -> str:
-        return f"<Route {self.endpoint.address} {self.status} pending={self.metric.pending} calls={self.calls}>"
+        return f"<Route {self.name} {self.status} pending={self.metric.pending} calls={self.calls}>"
 
 
 def _slot_pending(slot: Slot) -> int:
@@ -190,9 +204,11 @@ class PoolState:
         *,
         clock: Clock,
         rng: random.Random,
+        sources: Sequence[Source] = (),
     ) -> None:
         self.target = target
         self.config = config
+        self.sources = list(sources)  # local addresses to bind to; none: the kernel chooses
         self.clock = clock
         self.rng = rng
         self._lock = threading.Lock()
@@ -229,12 +245,14 @@ class PoolState:
         metric_type = LeastLoaded if config.balancer == "p2c_least_loaded" else PeakEwma
         routes = []
         for endpoint in endpoints:
-            accrual = Accrual(config.failure_accrual, now) if config.failure_accrual is not None else None
-            metric = metric_type(decay=config.ewma_decay, initial_rtt=config.initial_rtt, now=now)
-            route = Route(endpoint, metric, _weight_of(endpoint, config), config.connections_per_endpoint, accrual)
-            if config.health_check is not None:
-                route.health = _health.UNKNOWN
-            routes.append(route)
+            for source in sources_for(endpoint, self.sources):
+                accrual = Accrual(config.failure_accrual, now) if config.failure_accrual is not None else None
+                metric = metric_type(decay=config.ewma_decay, initial_rtt=config.initial_rtt, now=now)
+                weight = _weight_of(endpoint, config)
+                route = Route(endpoint, metric, weight, config.connections_per_endpoint, accrual, source)
+                if config.health_check is not None:
+                    route.health = _health.UNKNOWN
+                routes.append(route)
         return routes
 
     @property
@@ -389,8 +407,10 @@ class PoolState:
         keys = {(e.host, e.port) for e in wanted}
         with self._lock:
             now = self.clock()
-            present = {(r.endpoint.host, r.endpoint.port): r for r in self.routes}
-            for key, route in present.items():
+            present = set()
+            for route in self.routes:
+                key = (route.endpoint.host, route.endpoint.port)
+                present.add(key)
                 route.draining = key not in keys
                 if not route.draining and route.probe == _PROBE_OPEN and route not in self._probes:
                     self._probes.append(route)  # its probe came due while it was draining
@@ -412,7 +432,7 @@ class PoolState:
                 self.routes = [r for r in self.routes if r not in drained]
                 now = self.clock()
                 for route in drained:
-                    self.transitions.append((now, route.endpoint.address, DRAINING, "closed", "drained"))
+                    self.transitions.append((now, route.name, DRAINING, "closed", "drained"))
                 self._refresh(now, "")
             return drained
 
@@ -495,7 +515,7 @@ class PoolState:
         for route in self.routes:
             status = route._status()
             if status != route.status:
-                self.transitions.append((now, route.endpoint.address, route.status, status, why))
+                self.transitions.append((now, route.name, route.status, status, why))
                 route.status = status
             if status != DRAINING:
                 active.append(route)
@@ -517,7 +537,7 @@ class PoolState:
         if not self.routes:
             error = f" (last resolution: {self.resolver_error})" if self.resolver_error else ""
             return f"poolkit channel to {self.target} has no endpoint{error}"
-        reasons = ", ".join(f"{r.endpoint.address} {_reason(r, now)}" for r in self.routes)
+        reasons = ", ".join(f"{r.name} {_reason(r, now)}" for r in self.routes)
         return f"poolkit channel to {self.target}: every endpoint is unavailable ({reasons})"
 
     # -- views --------------------------------------------------------------------------
@@ -587,6 +607,7 @@ def _describe_route(route: Route, now: float) -> dict[str, Any]:
     until = route.ejected_until
     return {
         "address": route.endpoint.address,
+        "source": route.source.address if route.source is not None else None,
         "authority": route.endpoint.authority,
         "weight": route.weight,
         "status": route.status,

@@ -3,18 +3,26 @@ options of each slot's channel, and binding a method to a slot's channel once.""
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import grpc
+
+from . import _source
 from ._config import PoolConfig
 from ._discovery import Discovery
 from ._errors import ConfigError, PoolUnavailableError
 from ._pool import HEDGE, PoolState, Route, Slot
 from ._retry import Attempts, Plan
 from ._target import Endpoint
+
+_log = logging.getLogger("poolkit")
+_READY = grpc.ChannelConnectivity.READY
+_UNBOUND = "default"  # port_budget()'s key when connections are not bound to a source
 
 # How often the discovery loop looks while routes drain or a re-resolution is wanted,
 # and at most how long it sleeps otherwise (so close() never waits long for it).
@@ -26,8 +34,10 @@ Serializer = Callable[[Any], bytes] | None
 Deserializer = Callable[[bytes], Any] | None
 
 
-def slot_options(endpoint: Endpoint, options: ChannelOptions) -> list[tuple[str, Any]]:
-    """The grpc options of one slot's channel: the caller's, plus what pooling needs."""
+def slot_options(route: Route, options: ChannelOptions) -> list[tuple[str, Any]]:
+    """The grpc options of one slot's channel: the caller's, plus what pooling (and
+    binding to the route's source address) needs."""
+    endpoint = route.endpoint
     names = {name for name, _ in options}
     extra: list[tuple[str, Any]] = [
         # Without this, channels with equal targets and options share one connection
@@ -41,6 +51,8 @@ def slot_options(endpoint: Endpoint, options: ChannelOptions) -> list[tuple[str,
     if "grpc.default_authority" not in names:
         # The slot dials an IP literal; servers (and TLS) should still see the service name.
         extra.append(("grpc.default_authority", endpoint.authority))
+    if route.source is not None:
+        extra.extend(_source.channel_options(route.source))
     return [*options, *extra]
 
 
@@ -76,11 +88,16 @@ class Pooled:
         rng = rng or random.Random()
         self._discovery = Discovery(target, config, rng, clock())
         endpoints = self._discovery.first()
-        self._pool = PoolState(self._discovery.target, endpoints, config, clock=clock, rng=rng)
+        sources = _source.resolve_sources(config.source_addresses)
+        if sources:
+            _source.check_routable(endpoints, sources)
+            _source.self_check()
+        self._pool = PoolState(self._discovery.target, endpoints, config, clock=clock, rng=rng, sources=sources)
         self._pool.resolver_error = self._discovery.last_error
         self._method_ids: dict[tuple[Any, ...], int] = {}
         self._plans: dict[str, Plan] = {}
         self._lock = threading.Lock()
+        self._unroutable: set[Endpoint] = set()  # resolved endpoints no source can reach
 
     # -- discovery, shared by both shells -----------------------------------------------
 
@@ -102,7 +119,16 @@ class Pooled:
         pool.resolve_soon = False
         pool.resolver_error = self._discovery.last_error
         if endpoints is not None and not pool.closed:
-            added = pool.new_routes(pool.unknown(endpoints))
+            new = pool.unknown(endpoints)
+            for endpoint in new:
+                if not _source.sources_for(endpoint, pool.sources) and endpoint not in self._unroutable:
+                    self._unroutable.add(endpoint)
+                    _log.warning(
+                        "poolkit channel to %s: no source address of the family of %s; it gets no connection",
+                        pool.target,
+                        endpoint.address,
+                    )
+            added = pool.new_routes(new)
             for route in added:
                 self._open_route(route)
             pool.update_endpoints(added, endpoints)
@@ -127,7 +153,45 @@ class Pooled:
         slots, calls, errors and EWMA; recent transitions; the resolver's record."""
         snapshot = self._pool.describe()
         snapshot["resolver"] = self._discovery.describe()
+        snapshot["port_budget"] = self.port_budget()
         return snapshot
+
+    def port_budget(self) -> dict[str, dict[str, Any]]:
+        """How much of the kernel's ephemeral port range this channel's source addresses
+        use, keyed by source address ("default" when connections are not bound):
+
+        - `routes`, `connections`: the pool's routes from that source, and their slots
+          whose connection is READY;
+        - `sockets`, `established`, `time_wait`: TCP sockets of this host (its network
+          namespace) on that source address, whoever owns them ("default": from any
+          address to this channel's endpoints), read from /proc/net/tcp{,6};
+        - `ephemeral_range`, `share_in_use`: net.ipv4.ip_local_port_range and the share of
+          it those sockets take. A port is needed per (source, server address) pair, so
+          the share is an upper bound on how close any one server is to running out.
+        """
+        pool = self._pool
+        routes = list(pool.routes)
+        span = _source.port_range()
+        size = span[1] - span[0] + 1 if span is not None else None
+        if pool.sources:
+            counts, _ = _source.socket_counts(source.address for source in pool.sources)
+        else:
+            servers = {(route.endpoint.host, route.endpoint.port) for route in routes}
+            _, to_servers = _source.socket_counts((), servers)
+            counts = {_UNBOUND: to_servers}
+        budget: dict[str, dict[str, Any]] = {}
+        for key, sockets in counts.items():
+            mine = [route for route in routes if (route.source.address if route.source else _UNBOUND) == key]
+            budget[key] = {
+                "routes": len(mine),
+                "connections": sum(slot.state is _READY for route in mine for slot in route.slots),
+                "sockets": sockets.total,
+                "established": sockets.established,
+                "time_wait": sockets.time_wait,
+                "ephemeral_range": list(span) if span is not None else None,
+                "share_in_use": round(sockets.total / size, 4) if size else None,
+            }
+        return budget
 
     def _plan(self, method: str) -> Plan:
         """The retry plan of `method`, built on first use and shared by its multicallables

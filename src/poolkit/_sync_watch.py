@@ -28,7 +28,7 @@ class HealthThread:
         self._checker = _health.HealthChecker(config, rng)
         self._stop = threading.Event()
         self._call: Any = None
-        self._thread = threading.Thread(target=self._run, name=f"poolkit-health {route.endpoint.address}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"poolkit-health {route.name}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
