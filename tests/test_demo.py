@@ -41,23 +41,29 @@ def _number(pattern: str, text: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("flags", "header"),
+    ("flags", "header", "sources"),
     [
-        (("--no-fault", "--concurrency", "4"), "pooled: 4 threads share one poolkit channel for 2 s"),
+        (
+            ("--no-fault", "--concurrency", "4", "--sources", "0"),
+            "pooled: 4 threads share one poolkit channel for 2 s",
+            [],
+        ),
         (
             ("--no-fault", "--aio", "--concurrency", "8"),
             "pooled (asyncio): 8 tasks share one poolkit.aio channel for 2 s",
+            ["127.0.0.2", "127.0.0.3"],
         ),
     ],
-    ids=["threads", "asyncio"],
+    ids=["threads-unbound", "asyncio-2-sources"],
 )
-def test_demo_spreads_calls_over_four_connections_and_contrasts_fresh_channels(
-    flags: tuple[str, ...], header: str
+def test_demo_spreads_calls_over_a_connection_per_route_and_contrasts_fresh_channels(
+    flags: tuple[str, ...], header: str, sources: list[str]
 ) -> None:
     finished = _run_demo("--duration", "2", *flags)
     out = finished.stdout
     assert finished.returncode == 0, f"exit {finished.returncode}\n{out}\n{finished.stderr}"
     assert re.search(f"^{re.escape(header)}$", out, re.MULTILINE), out
+    routes = 4 * max(len(sources), 1)  # 4 endpoints, each once from every source address
 
     # Progress went out as plain lines, since stdout is a pipe.
     assert re.search(r"^\s+\d+\.\d s\s+[\d,]+ calls\s+[\d,]+/s\s+\d+ errors  share( +\d+%){4}$", out, re.MULTILINE), out
@@ -68,7 +74,7 @@ def test_demo_spreads_calls_over_four_connections_and_contrasts_fresh_channels(
     calls = _number(r"^  calls\s+([\d,]+)\s+in ", pooled)
     assert calls > 0
     assert _number(r"^  errors\s+([\d,]+)", pooled) == 0
-    assert _number(r"^  connections\s+([\d,]+)\s+distinct", pooled) == 4
+    assert _number(r"^  connections\s+([\d,]+)\s+distinct", pooled) == routes
 
     rows = re.findall(r"^  (127\.0\.0\.1:\d+)\s+([\d,]+)\s+[\d.]+%\s+([\d,]+)\s", pooled, re.MULTILINE)
     assert len(rows) == 4, pooled
@@ -77,18 +83,46 @@ def test_demo_spreads_calls_over_four_connections_and_contrasts_fresh_channels(
         assert errors == "0", address
     assert sum(int(c.replace(",", "")) for _, c, _ in rows) == calls
     assert "channel and server counts agree on every endpoint" in pooled
+    if sources:
+        assert f"  bound to source addresses {', '.join(sources)}: {routes} routes (4 endpoints × 2 sources)" in out
+        per_source = _check_sources_table(pooled, sources)
+        assert sum(per_source.values()) == calls
+    else:
+        assert "  not bound to a source address (the kernel picks one): 4 routes, one per endpoint" in out
+        row = _row("default", pooled).split()
+        assert (_count(row[0]), row[1], _count(row[2])) == (calls, "100.0%", 4), pooled
+        assert "  default: not bound, the kernel picked 127.0.0.1; sockets: every socket to the servers," in pooled
 
     contrast = out[out.index("contrast:") :]
     match = re.search(r"^  connections opened\s+([\d,]+)\s+([\d,]+)$", contrast, re.MULTILINE)
     assert match, contrast
-    assert int(match.group(1)) == 4
+    assert int(match.group(1)) == routes
     fresh_connections = int(match.group(2).replace(",", ""))
     fresh_calls = _number(r"^  calls\s+[\d,]+\s+([\d,]+)$", contrast)
     assert 0 < fresh_calls <= _demo.FRESH_MAX_CALLS
     # One connection per call; a client port reused after TIME_WAIT would count once.
     assert fresh_connections > fresh_calls // 2
     assert re.search(r"^  connections per call\s+\S+\s+\S+$", contrast, re.MULTILINE), contrast
-    assert f"pooled: 4 connections for {calls:,} calls; fresh-per-request:" in contrast
+    assert f"pooled: {routes} connections for {calls:,} calls; fresh-per-request:" in contrast
+
+
+def _check_sources_table(pooled: str, sources: list[str]) -> dict[str, int]:
+    """The pooled summary's sources table: a row per source with calls and connections
+    from it, calls adding up to its total row and to the endpoint table's. Calls per source."""
+    rows = dict(re.findall(r"^  (127\.0\.0\.\d+)\s+(\d.*)$", pooled, re.MULTILINE))
+    assert sorted(rows) == sources, pooled
+    calls = {}
+    for source, row in rows.items():
+        cells = row.split()
+        assert len(cells) == 6, row  # calls, share, connections, sockets, time_wait, of port range
+        calls[source] = _count(cells[0])
+        assert calls[source] > 0, pooled
+        assert _count(cells[2]) > 0, pooled  # the servers saw connections from it
+        assert _count(cells[3]) > 0, pooled  # and it has sockets open
+        assert re.fullmatch(r"\d+\.\d{3}%", cells[5]), row
+    endpoint_total, source_total = (_count(row.split()[0]) for row in re.findall(r"^  total\s+(.*)$", pooled, re.M))
+    assert sum(calls.values()) == source_total == endpoint_total, pooled
+    return calls
 
 
 @pytest.mark.slow
@@ -124,7 +158,14 @@ def test_demo_kills_a_server_a_third_of_the_way_and_restarts_it_at_two_thirds(fl
     assert len(failed) == 3
     assert failed[0] == "0"  # nothing fails while every server is up
     assert _count(_cells(_row("killed server saw", fault))[0]) > 0
-    assert re.search(rf"^  {re.escape(victim)} as the channel saw it: status \S+, health \S+", fault, re.MULTILINE)
+    # Each source address has a route to the killed server, and each saw the kill for itself.
+    assert f"  {victim} as the channel saw it, from each source address:" in fault
+    for source in ("127.0.0.2", "127.0.0.3"):
+        assert re.search(rf"^    from {re.escape(source)}: status \S+, health \S+", fault, re.MULTILINE), fault
+        assert re.search(rf"^\s+[\d.]+ s  from {re.escape(source)}  healthy -> ", fault, re.MULTILINE), fault
+
+    pooled = out[out.index("pooled summary") : out.index(f"fault: {victim} killed at")]
+    _check_sources_table(pooled, ["127.0.0.2", "127.0.0.3"])
 
 
 @pytest.mark.slow
@@ -213,6 +254,18 @@ def test_no_fault_turns_the_fault_off() -> None:
     assert build_parser().parse_args(["demo"]).fault is True
     assert build_parser().parse_args(["demo", "--no-fault"]).fault is False
     assert _demo.DemoOptions().fault is True
+
+
+def test_sources_bind_the_pooled_channel_to_loopback_addresses_from_127_0_0_2() -> None:
+    assert build_parser().parse_args(["demo"]).sources == 2 == _demo.DemoOptions().sources
+    assert _demo.DemoOptions().config.source_addresses == ("127.0.0.2", "127.0.0.3")
+    assert _demo.DemoOptions(sources=0).config.source_addresses == ()
+    assert _demo.source_addresses(16)[-1] == "127.0.0.17"
+    assert build_parser().parse_args(["demo", "--sources", "16"]).sources == 16
+    for bad in ("-1", "17", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(["demo", "--sources", bad])
+        assert exit_info.value.code == 2
 
 
 # -- the load generator, threads and asyncio tasks alike ---------------------------------
@@ -470,4 +523,79 @@ def test_fault_summary_shows_the_killed_servers_status_changes_in_run_time() -> 
         f"  {VICTIM} as the channel saw it: status healthy, health serving, ejected 1 time",
         "      3.5 s  healthy -> ejected  (5 consecutive failures)",
         "      8.0 s  ejected -> probing  (ejection over)",
+    ]
+
+
+def _route(address: str, source: str | None, calls: int, errors: int = 0, ewma_ms: float = 1.0) -> dict[str, object]:
+    return {"address": address, "source": source, "calls": calls, "errors": errors, "ewma_ms": ewma_ms}
+
+
+def _budget(sockets: int, time_wait: int) -> dict[str, object]:
+    return {"sockets": sockets, "time_wait": time_wait, "ephemeral_range": [32768, 60999]}
+
+
+def test_pooled_summary_adds_up_each_endpoints_routes_and_shows_each_source() -> None:
+    described = {
+        "endpoints": [
+            _route(VICTIM, "127.0.0.2", 300, errors=2, ewma_ms=1.5),
+            _route(VICTIM, "127.0.0.3", 100, ewma_ms=4.0),
+            _route(OTHER, "127.0.0.2", 350),
+            _route(OTHER, "127.0.0.3", 250),
+        ],
+        "port_budget": {"127.0.0.2": _budget(4, 2), "127.0.0.3": _budget(2, 0)},
+    }
+    stats = [
+        StatsResponse(server_id=VICTIM, calls=400, peers=["ipv4:127.0.0.2:40001", "ipv4:127.0.0.3:40002"]),
+        # grpc may write an IPv4 client of a dual-stack socket as a v4-mapped IPv6 address.
+        StatsResponse(server_id=OTHER, calls=600, peers=["ipv4:127.0.0.2:40003", "ipv6:%5B::ffff:127.0.0.3%5D:40004"]),
+    ]
+    load = _load.LoadResult(calls=1000, errors=0, elapsed=2.0, latencies=[0.001], first_error=None)
+    phase = _demo.PhaseResult(load, stats)
+    lines = list(_demo.pooled_summary(phase, described, [VICTIM, OTHER]))
+    text = "\n".join(lines)
+
+    assert _demo.endpoint_shares(described) == [0.4, 0.6]
+    assert _row(VICTIM, text).split() == ["400", "40.0%", "2", "4.00", "ms", "400", "2"]  # ewma: the highest
+    assert _row(OTHER, text).split() == ["600", "60.0%", "0", "1.00", "ms", "600", "2"]
+    assert "  channel and server counts agree on every endpoint" in lines
+    assert _row("127.0.0.2", text).split() == ["650", "65.0%", "2", "4", "2", "0.014%"]
+    assert _row("127.0.0.3", text).split() == ["350", "35.0%", "2", "2", "0", "0.007%"]
+    totals = [line.split()[1:] for line in lines if line.startswith("  total ")]
+    assert totals == [["1,000", "100.0%", "2", "1,000", "4"], ["1,000", "100.0%", "4", "6", "2"]]
+    header = next(index for index, line in enumerate(lines) if line.startswith("  source "))
+    assert len({len(line) for line in lines[header : header + 4]}) == 1, text  # the total row ends short
+    assert _demo.routes_line(described["endpoints"]) == (
+        "bound to source addresses 127.0.0.2, 127.0.0.3: 4 routes (2 endpoints × 2 sources)"
+    )
+
+
+def test_fault_summary_counts_and_lists_every_route_to_the_killed_server() -> None:
+    routes = [(VICTIM, "127.0.0.2"), (VICTIM, "127.0.0.3"), (OTHER, "127.0.0.2"), (OTHER, "127.0.0.3")]
+
+    def mark(phase: str, at: float, calls: list[tuple[int, int]], **described: object) -> _demo.Mark:
+        endpoints = [_route(a, s, c, e) for (a, s), (c, e) in zip(routes, calls, strict=True)]
+        stats = [StatsResponse(server_id=VICTIM, calls=calls[0][0]), StatsResponse(server_id=OTHER, calls=0)]
+        snapshot = _load.LoadSnapshot(at, sum(c for c, _ in calls), 0)
+        return _demo.Mark(phase, at, snapshot, {"endpoints": endpoints, **described}, list(stats), at + 0.5)
+
+    final = mark(
+        "down",
+        6.0,
+        [(60, 3), (55, 5), (200, 0), (210, 0)],
+        transitions=[
+            {"ago_s": 3.0, "endpoint": f"{VICTIM} from 127.0.0.3", "from": "healthy", "to": "ejected", "why": "5"},
+            {"ago_s": 2.9, "endpoint": f"{OTHER} from 127.0.0.2", "from": "healthy", "to": "failing", "why": "no"},
+            {"ago_s": 2.8, "endpoint": f"{VICTIM} from 127.0.0.2", "from": "healthy", "to": "failing", "why": "tf"},
+        ],
+    )
+    final.described["endpoints"][1].update(status="ejected", health="serving", ejections=1)
+    marks = [mark("start", 0.0, [(0, 0)] * 4), mark("before", 3.0, [(50, 0), (50, 0), (100, 0), (100, 0)]), final]
+    lines = list(_demo.fault_summary(_demo.FaultReport(VICTIM, [VICTIM, OTHER], marks, 3.0, None, None)))
+    assert _row(f"{VICTIM} *", "\n".join(lines)).split() == ["100", "15", "(8", "failed)"]
+    assert lines[-5:] == [
+        f"  {VICTIM} as the channel saw it, from each source address:",
+        "    from 127.0.0.2: status -, health -, ejected -",
+        "    from 127.0.0.3: status ejected, health serving, ejected 1 time",
+        "      3.5 s  from 127.0.0.3  healthy -> ejected  (5)",
+        "      3.7 s  from 127.0.0.2  healthy -> failing  (tf)",
     ]

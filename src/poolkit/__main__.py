@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Start local echo servers on loopback, send calls to them through one poolkit channel from "
             "several threads (or, with --aio, one poolkit.aio channel from asyncio tasks) with live progress, "
-            "and summarise where the calls went. A third of the way in, one server is killed; two thirds in, "
+            "its connections bound to loopback source addresses 127.0.0.2, 127.0.0.3, ... (--sources), "
+            "and summarise where the calls went, per endpoint and per source address. "
+            "A third of the way in, one server is killed; two thirds in, "
             "it is restarted on the same port, and the summary shows how the pool routed around it. Then make "
             "a few hundred calls the naive way, a fresh grpc channel per request, and compare the two. "
             "Exits 1 if a pooled call failed while every server was up (or, with --no-fault, at all), "

@@ -1,6 +1,7 @@
-"""`poolkit demo`: one poolkit channel against local echo servers, one of which is killed
-a third of the way through and restarted at two thirds, then the same calls made the
-naive way, a fresh grpc channel per request, for contrast.
+"""`poolkit demo`: one poolkit channel against local echo servers, its connections bound to
+several loopback source addresses, one server killed a third of the way through and
+restarted at two thirds, then the same calls made the naive way, a fresh grpc channel
+per request, for contrast.
 
 The pieces are kept apart so a run can be recombined: `_load` drives calls and counts
 them (threads or asyncio tasks), `LocalServers` owns the servers, `FaultSchedule` kills
@@ -18,6 +19,7 @@ import math
 import shutil
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ import grpc
 from ._aio_channel import Channel as AioChannel
 from ._aio_channel import insecure_channel as aio_insecure_channel
 from ._channel import insecure_channel
+from ._config import PoolConfig
+from ._errors import ConfigError, SourceBindingUnavailable
 from ._load import (
     CALL_TIMEOUT,
     AsyncCall,
@@ -71,6 +75,18 @@ a few seconds into a ten-second run could stay unvisited to its end. These serve
 loopback and restart in well under a second, so the demo retries every 0.1 s, backing
 off to 0.5 s. A service would pick these from how fast its own servers come back."""
 
+MAX_SOURCES = 16
+"""`--sources` goes up to 127.0.0.17: enough to see calls and ports spread, few enough
+that every route (endpoints × sources) keeps a health check and a connection cheaply."""
+
+
+def source_addresses(count: int) -> list[str]:
+    """The pooled channel's `count` source addresses, 127.0.0.2 onwards. Linux routes all
+    of 127.0.0.0/8 to the loopback interface, so each is an address of this host with no
+    set-up, and each is an ephemeral port range of its own towards the servers (on
+    127.0.0.1)."""
+    return [f"127.0.0.{2 + index}" for index in range(count)]
+
 
 @dataclass(frozen=True, kw_only=True)
 class DemoOptions:
@@ -83,6 +99,12 @@ class DemoOptions:
     max_calls: int = MAX_CALLS
     aio: bool = False  # the pooled run on poolkit.aio, from asyncio tasks instead of threads
     fault: bool = True  # kill one server during the pooled run and restart it
+    sources: int = 2  # source addresses the pooled channel binds to (`source_addresses`); 0: unbound
+
+    @property
+    def config(self) -> PoolConfig:
+        """The pooled channel's configuration: the defaults, bound to the demo's sources."""
+        return PoolConfig(source_addresses=source_addresses(self.sources))
 
 
 # -- command line -------------------------------------------------------------------------
@@ -127,6 +149,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"stop the pooled run after this many calls even if time is left (default {defaults.max_calls:,})",
     )
     parser.add_argument(
+        "--sources",
+        type=_number_in(int, 0, MAX_SOURCES),
+        default=defaults.sources,
+        metavar="N",
+        help=f"bind the pooled channel's connections to N loopback source addresses, 127.0.0.2 onwards "
+        f"(default {defaults.sources}; 0: unbound, the kernel picks)",
+    )
+    parser.add_argument(
         "--aio",
         action="store_true",
         help="make the pooled run's calls through poolkit.aio, from asyncio tasks on one event loop",
@@ -164,6 +194,7 @@ def command(args: argparse.Namespace) -> int:
         max_calls=args.max_calls,
         aio=args.aio,
         fault=args.fault,
+        sources=args.sources,
     )
     try:
         return run_demo(options, sys.stdout)
@@ -181,7 +212,7 @@ def run_demo(options: DemoOptions, out: TextIO) -> int:
 
     0 if no pooled call failed that the fault does not explain, 1 if one did: with the
     fault, calls may fail once a server is killed, but not before, and the server must
-    restart. 2 if the servers would not start."""
+    restart. 2 if the servers would not start or the channel could not bind its sources."""
     say = _printer(out)
     try:
         servers = LocalServers.start(options.endpoints)
@@ -193,7 +224,11 @@ def run_demo(options: DemoOptions, out: TextIO) -> int:
         for address, pid in zip(servers.addresses, servers.pids, strict=True):
             say(f"  {address}  pid {pid}")
         servers.stats(reset=True)
-        pooled = (run_pooled_aio if options.aio else run_pooled)(servers, options, out)
+        try:
+            pooled = (run_pooled_aio if options.aio else run_pooled)(servers, options, out)
+        except (SourceBindingUnavailable, ConfigError) as error:
+            print(f"poolkit demo: {error} (--sources 0 runs unbound)", file=sys.stderr)
+            return 2
         fresh = run_fresh(servers, options, out)
     say("")
     for line in contrast_summary(pooled, fresh):
@@ -223,7 +258,7 @@ class PhaseResult:
 def run_pooled(servers: LocalServers, options: DemoOptions, out: TextIO) -> PhaseResult:
     """The main act: every thread calls through one poolkit channel."""
     request = EchoRequest(payload=b"x" * options.payload)
-    with insecure_channel(servers.target, options=RECONNECT_OPTIONS) as channel:
+    with insecure_channel(servers.target, config=options.config, options=RECONNECT_OPTIONS) as channel:
         unary = EchoStub(channel).Unary
 
         def pooled_call(_worker: int) -> Call:
@@ -246,7 +281,7 @@ def run_pooled_aio(servers: LocalServers, options: DemoOptions, out: TextIO) -> 
     asks grpc for each connection's state, and neither needs the loop."""
     request = EchoRequest(payload=b"x" * options.payload)
     with EventLoopThread() as loop:
-        channel = loop.run(_open_aio_channel(servers.target))
+        channel = loop.run(_open_aio_channel(servers.target, options.config))
         try:
             unary = EchoStub(channel).Unary
 
@@ -269,10 +304,10 @@ def run_pooled_aio(servers: LocalServers, options: DemoOptions, out: TextIO) -> 
     return _pooled_phase(servers, result, described, fault, out)
 
 
-async def _open_aio_channel(target: str) -> AioChannel:
+async def _open_aio_channel(target: str, config: PoolConfig) -> AioChannel:
     """A poolkit.aio channel, made on the loop that will run its calls (a coroutine so that
     it runs there)."""
-    return aio_insecure_channel(target, options=RECONNECT_OPTIONS)
+    return aio_insecure_channel(target, config=config, options=RECONNECT_OPTIONS)
 
 
 def _drive_pooled(
@@ -288,16 +323,22 @@ def _drive_pooled(
     went, and the fault's."""
     say = _printer(out)
     config = channel.config
-    connections = _plural(config.connections_per_endpoint, "connection")
     say("")
     say(f"{title} for {options.duration:g} s")
-    say(f"  {config.balancer} balancer, {connections} per endpoint, {options.payload}-byte payloads")
+    connections = _plural(config.connections_per_endpoint, "connection")
+    say(f"  {config.balancer} balancer, {connections} per route, {options.payload}-byte payloads")
+    say(f"  {routes_line(channel.describe()['endpoints'])}")
     display = ProgressDisplay.for_stream(out)
     schedule = FaultSchedule(servers, channel.describe, display.note, options.duration) if options.fault else None
     if schedule is not None:
         say(f"  {schedule.plan()}")
     load = start()
-    watch(load, display, lambda: endpoint_shares(channel.describe()), schedule.tick if schedule else None)
+    # The shares need only the routes' counts: the pool's own view, without describe()'s
+    # port budget, which parses /proc/net/tcp{,6} (about 20 ms with the few thousand
+    # TIME_WAIT sockets a run or two leaves behind) and would take that from the load's
+    # threads several times a second.
+    routes = channel._pool.describe
+    watch(load, display, lambda: endpoint_shares(routes()), schedule.tick if schedule else None)
     fault = schedule.finish(load) if schedule else None
     return load.result(), channel.describe(), fault
 
@@ -638,17 +679,39 @@ def progress_line(snapshot: LoadSnapshot, shares: list[float] | None) -> str:
 
 
 def endpoint_shares(described: dict[str, Any]) -> list[float]:
-    """Each endpoint's fraction of the calls a poolkit channel has made, in target order."""
-    calls = [int(endpoint["calls"]) for endpoint in described["endpoints"]]
+    """Each endpoint's fraction of the calls a poolkit channel has made (all its routes),
+    in target order."""
+    calls = [_calls(routes) for routes in _by_address(described).values()]
     total = sum(calls)
     return [count / total if total else 0.0 for count in calls]
 
 
+def routes_line(endpoints: Sequence[dict[str, Any]]) -> str:
+    """Where the pooled channel's connections leave from, and its routes (`endpoints` is
+    describe()'s list of routes)."""
+    sources = list(dict.fromkeys(str(route["source"]) for route in endpoints if route.get("source")))
+    routes = _plural(len(endpoints), "route")
+    if not sources:
+        return f"not bound to a source address (the kernel picks one): {routes}, one per endpoint"
+    addresses = len(dict.fromkeys(route["address"] for route in endpoints))
+    # The demo's sources are consecutive: more than two read better as a range.
+    shown = ", ".join(sources) if len(sources) <= 2 else f"{sources[0]} to {sources[-1]}"
+    return (
+        f"bound to source addresses {shown}: {routes} "
+        f"({_plural(addresses, 'endpoint')} × {_plural(len(sources), 'source')})"
+    )
+
+
 # -- summaries ----------------------------------------------------------------------------
+
+UNBOUND = "default"
+"""How `port_budget()` names connections bound to no source address, and so the sources
+table too."""
 
 
 def pooled_summary(phase: PhaseResult, described: dict[str, Any], addresses: Sequence[str]) -> Iterator[str]:
-    """The pooled run: totals, then each endpoint as the channel and as the server saw it."""
+    """The pooled run: totals, each endpoint as the channel and as the server saw it, then
+    each source address: the calls and connections from it and the ports it uses."""
     load = phase.load
     yield "pooled summary"
     yield from _table(
@@ -664,30 +727,50 @@ def pooled_summary(phase: PhaseResult, described: dict[str, Any], addresses: Seq
         indent=2,
     )
     yield ""
+    yield from _endpoints_table(phase, described, addresses)
+    yield ""
+    yield from sources_summary(phase, described)
+
+
+def _endpoints_table(phase: PhaseResult, described: dict[str, Any], addresses: Sequence[str]) -> Iterator[str]:
+    """Calls per endpoint, its routes (one per source address) added up, against the
+    server's own count."""
     stats = dict(zip(addresses, phase.stats, strict=True))
+    by_address = _by_address(described)
     rows = [("endpoint", "calls", "share", "errors", "peak ewma", "server saw", "connections")]
-    total_calls = sum(int(e["calls"]) for e in described["endpoints"])
+    total_calls = sum(_calls(routes) for routes in by_address.values())
     mismatched = 0
-    for endpoint, share in zip(described["endpoints"], endpoint_shares(described), strict=True):
-        seen = stats.get(endpoint["address"])
+    for (address, routes), share in zip(by_address.items(), endpoint_shares(described), strict=True):
+        seen = stats.get(address)
         server_calls = int(seen.calls) if seen is not None else 0
-        mismatched += seen is None or server_calls != int(endpoint["calls"])
+        mismatched += seen is None or server_calls != _calls(routes)
         rows.append(
             (
-                endpoint["address"],
-                f"{int(endpoint['calls']):,}",
+                address,
+                f"{_calls(routes):,}",
                 f"{share:.1%}",
-                f"{int(endpoint['errors']):,}",
-                f"{float(endpoint['ewma_ms']):.2f} ms",
+                f"{_errors(routes):,}",
+                f"{max(float(route['ewma_ms']) for route in routes):.2f} ms",
                 f"{server_calls:,}" if seen is not None else "-",
                 f"{len(seen.peers):,}" if seen is not None else "-",
             )
         )
     server_total = sum(int(s.calls) for s in phase.stats)
     rows.append(
-        ("total", f"{total_calls:,}", "100.0%", f"{load.errors:,}", "", f"{server_total:,}", f"{phase.connections:,}")
+        (
+            "total",
+            f"{total_calls:,}",
+            "100.0%",
+            f"{sum(_errors(routes) for routes in by_address.values()):,}",
+            "",
+            f"{server_total:,}",
+            f"{phase.connections:,}",
+        )
     )
     yield from _table(rows, "<>>>>>>", indent=2, rule_before_last=True)
+    if any(len(routes) > 1 for routes in by_address.values()):
+        yield "  calls, errors: the endpoint's routes (one per source address) added up"
+        yield "  peak ewma: the highest of its routes' latency estimates"
     yield ""
     if mismatched:
         # A call that failed on the client (a deadline, say) may or may not have reached the server.
@@ -696,6 +779,99 @@ def pooled_summary(phase: PhaseResult, described: dict[str, Any], addresses: Seq
             yield "  (a killed server's count of the calls it served last dies with it)"
     else:
         yield "  channel and server counts agree on every endpoint"
+
+
+def sources_summary(phase: PhaseResult, described: dict[str, Any]) -> Iterator[str]:
+    """Per source address: the calls its routes made, the client connections the servers
+    saw from it, and its share of the kernel's ephemeral ports (describe()'s port_budget).
+    Unbound, one row, "default", holds every connection."""
+    budget: dict[str, dict[str, Any]] = described.get("port_budget", {})
+    by_source = _by_source(described)
+    bound = UNBOUND not in by_source
+    hosts = [_peer_host(peer) for stat in phase.stats for peer in stat.peers]
+    connections: dict[str, int] = {}
+    for host in hosts:
+        key = host if bound else UNBOUND
+        connections[key] = connections.get(key, 0) + 1
+    # A server seeing a peer from an address not among the sources would get a row of its own.
+    names = list(dict.fromkeys([*budget, *by_source, *connections]))
+    total_calls = sum(_calls(routes) for routes in by_source.values())
+    rows = [("source", "calls", "share", "connections", "sockets", "time_wait", "of port range")]
+    for name in names:
+        routes = by_source.get(name)
+        ports = budget.get(name, {})
+        rows.append(
+            (
+                name,
+                f"{_calls(routes):,}" if routes else "-",
+                f"{_calls(routes) / total_calls:.1%}" if routes and total_calls else "-",
+                f"{connections.get(name, 0):,}",
+                _count_of(ports, "sockets"),
+                _count_of(ports, "time_wait"),
+                _range_share(ports),
+            )
+        )
+    if len(names) > 1:
+        sockets = sum(int(ports.get("sockets", 0)) for ports in budget.values())
+        time_wait = sum(int(ports.get("time_wait", 0)) for ports in budget.values())
+        rows.append(("total", f"{total_calls:,}", "100.0%", f"{len(hosts):,}", f"{sockets:,}", f"{time_wait:,}", ""))
+    yield from _table(rows, "<>>>>>>", indent=2, rule_before_last=len(names) > 1)
+    yield "  connections: distinct client ports the servers saw from the address"
+    yield "  sockets, time_wait: its TCP sockets at the end of the run, whoever owns them"
+    span = next((ports["ephemeral_range"] for ports in budget.values() if ports.get("ephemeral_range")), None)
+    if span is not None:
+        low, high = span
+        yield f"  of port range: sockets over the {high - low + 1:,} ephemeral ports ({low}-{high}) per address"
+    if not bound:
+        picked = ", ".join(sorted(set(hosts))) or "-"
+        yield f"  default: not bound, the kernel picked {picked}; sockets: every socket to the servers,"
+        yield "  the demo's own Stats queries (a connection each) among them"
+
+
+def _by_address(described: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """describe()'s routes grouped by endpoint address, in target order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for route in described["endpoints"]:
+        groups.setdefault(str(route["address"]), []).append(route)
+    return groups
+
+
+def _by_source(described: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """describe()'s routes grouped by source address ("default" when unbound)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for route in described["endpoints"]:
+        groups.setdefault(str(route.get("source") or UNBOUND), []).append(route)
+    return groups
+
+
+def _calls(routes: Sequence[dict[str, Any]]) -> int:
+    return sum(int(route.get("calls", 0)) for route in routes)
+
+
+def _errors(routes: Sequence[dict[str, Any]]) -> int:
+    return sum(int(route.get("errors", 0)) for route in routes)
+
+
+def _count_of(ports: dict[str, Any], field: str) -> str:
+    return f"{int(ports[field]):,}" if field in ports else "-"
+
+
+def _range_share(ports: dict[str, Any]) -> str:
+    """The share of the ephemeral port range a source's sockets take (port_budget's own
+    `share_in_use` is rounded to 0.01 %, too coarse for a handful of connections)."""
+    span = ports.get("ephemeral_range")
+    if not span or "sockets" not in ports:
+        return "-"
+    low, high = span
+    return f"{int(ports['sockets']) / (high - low + 1):.3%}"
+
+
+def _peer_host(peer: str) -> str:
+    """The IP address in a grpc peer: "ipv4:127.0.0.2:40312" and "ipv6:%5B::ffff:127.0.0.2%5D:40312"
+    are both "127.0.0.2" (grpc dials IPv4 on dual-stack sockets)."""
+    _, _, address = urllib.parse.unquote(peer).partition(":")
+    host = address.rpartition(":")[0].strip("[]")
+    return host.removeprefix("::ffff:")
 
 
 PHASE_NAMES = {"before": "before", "down": "while down", "after": "after restart"}
@@ -741,17 +917,13 @@ def _fault_story(report: FaultReport) -> str:
 
 
 def _endpoint_calls(address: str, start: Mark, end: Mark) -> str:
-    """Calls the channel made to `address` between two marks, failed ones in brackets."""
-    before = _endpoint(start.described, address)
-    after = _endpoint(end.described, address)
-    calls = int(after.get("calls", 0)) - int(before.get("calls", 0))
-    errors = int(after.get("errors", 0)) - int(before.get("errors", 0))
+    """Calls the channel made to `address` (all its routes) between two marks, failed ones
+    in brackets."""
+    before = _by_address(start.described).get(address, [])
+    after = _by_address(end.described).get(address, [])
+    calls = _calls(after) - _calls(before)
+    errors = _errors(after) - _errors(before)
     return f"{calls:,} ({errors:,} failed)" if errors else f"{calls:,}"
-
-
-def _endpoint(described: dict[str, Any], address: str) -> dict[str, Any]:
-    found: dict[str, Any] = next((e for e in described["endpoints"] if e["address"] == address), {})
-    return found
 
 
 def _server_calls(stats: Sequence[StatsResponse | None], index: int) -> str:
@@ -761,23 +933,38 @@ def _server_calls(stats: Sequence[StatsResponse | None], index: int) -> str:
 
 def _transitions(address: str, mark: Mark) -> Iterator[str]:
     """`address`'s status now and its changes, in seconds into the run, as `mark`'s
-    describe() reported them (a pool without endpoint health reports none)."""
-    endpoint = _endpoint(mark.described, address)
-    ejections = endpoint.get("ejections")
-    ejected = "-" if ejections is None else _plural(int(ejections), "time")
-    yield (
-        f"  {address} as the channel saw it: status {endpoint.get('status', '-')}, "
-        f"health {endpoint.get('health', '-')}, ejected {ejected}"
-    )
+    describe() reported them (a pool without endpoint health reports none). Bound to
+    source addresses, the endpoint is a route per source, each with a status of its own,
+    and the pool names each "<address> from <source>" in its transitions."""
+    routes = _by_address(mark.described).get(address, [])
+    if any(route.get("source") for route in routes):
+        yield f"  {address} as the channel saw it, from each source address:"
+        for route in routes:
+            yield f"    from {route.get('source') or UNBOUND}: {_route_status(route)}"
+    else:
+        yield f"  {address} as the channel saw it: {_route_status(routes[0] if routes else {})}"
     if "transitions" not in mark.described:
         yield "    (this channel reports no status changes)"
         return
-    changes = [t for t in mark.described["transitions"] if t.get("endpoint") == address]
+    changes = [t for t in mark.described["transitions"] if _names_route_to(str(t.get("endpoint", "")), address)]
     if not changes:
         yield "    no status changes"
     for change in changes:
         at = mark.described_at - float(change["ago_s"])
-        yield f"    {at:5.1f} s  {change['from']} -> {change['to']}  ({change['why']})"
+        via = str(change["endpoint"]).removeprefix(address).strip()  # "from 127.0.0.2", or "" unbound
+        yield f"    {at:5.1f} s  {via + '  ' if via else ''}{change['from']} -> {change['to']}  ({change['why']})"
+
+
+def _route_status(route: dict[str, Any]) -> str:
+    ejections = route.get("ejections")
+    ejected = "-" if ejections is None else _plural(int(ejections), "time")
+    return f"status {route.get('status', '-')}, health {route.get('health', '-')}, ejected {ejected}"
+
+
+def _names_route_to(name: str, address: str) -> bool:
+    """Whether a route named `name` ("10.0.0.1:50051", "10.0.0.1:50051 from 10.0.0.7") goes
+    to the endpoint `address`."""
+    return name == address or name.startswith(address + " ")
 
 
 def contrast_summary(pooled: PhaseResult, fresh: PhaseResult) -> Iterator[str]:

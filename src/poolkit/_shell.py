@@ -189,7 +189,7 @@ class Pooled:
                 "established": sockets.established,
                 "time_wait": sockets.time_wait,
                 "ephemeral_range": list(span) if span is not None else None,
-                "share_in_use": round(sockets.total / size, 4) if size else None,
+                "share_in_use": round(sockets.total / size, 6) if size else None,
             }
         return budget
 
