@@ -22,6 +22,7 @@ IPv6 destination, and routes are only made for matching families.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import fcntl
@@ -41,6 +42,8 @@ from ._target import Endpoint
 # <linux/in.h>: bind() picks no port; connect() does, per (source, destination) 4-tuple.
 IP_BIND_ADDRESS_NO_PORT = 24
 _SIOCGIFADDR = 0x8915
+_SIOCGIFCONF = 0x8912
+_IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux
 _IFNAMSIZ = 16
 _PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 _TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -214,25 +217,27 @@ def _try_binding() -> str | None:
         port = listener.getsockname()[1]
         options = [*channel_options(source), ("grpc.use_local_subchannel_pool", 1)]
         channel = grpc.insecure_channel(f"ipv4:127.0.0.1:{port}", options=options)
+        # A call, not subscribe(): it makes grpc connect, and ends (the listener speaks no
+        # HTTP/2) before the channel is closed. Closing a channel whose connectivity is
+        # being watched races grpc's polling thread, which then dies noisily.
+        ping = channel.unary_unary("/poolkit.SelfCheck/Bind", request_serializer=None, response_deserializer=None)
+        call = ping.future(b"", timeout=_SELF_CHECK_TIMEOUT)
         try:
-            channel.subscribe(_ignore, try_to_connect=True)
             try:
                 accepted, peer = listener.accept()
             except TimeoutError:
                 why = binding.last_error or "grpc never called the socket mutator"
                 return f"no connection arrived within {_SELF_CHECK_TIMEOUT:.0f} s ({why})"
             accepted.close()
+            with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError, grpc.FutureCancelledError):
+                call.result(timeout=_SELF_CHECK_TIMEOUT)
         finally:
-            channel.unsubscribe(_ignore)
+            call.cancel()  # type: ignore[no-untyped-call]
             channel.close()
     host = str(peer[0]).removeprefix("::ffff:")
     if host != source.address:
         return f"a connection bound to {source.address} arrived from {host}"
     return None
-
-
-def _ignore(state: grpc.ChannelConnectivity) -> None:
-    pass
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -308,16 +313,59 @@ def _ipv6_of(interface: str) -> list[str]:
 
 
 def _check_local(address: str, name: str) -> None:
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    """A `ConfigError` unless `address` is local: bind() to it works and, where the kernel
+    lets any address be bound (`ip_nonlocal_bind`, common on failover hosts), it is also
+    assigned to an interface (or in 127.0.0.0/8, all of which loopback answers)."""
+    ipv6 = ":" in address
+    what = address if address == name else f"{address} (of {name})"
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
             probe.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             probe.bind((address, 0))
         except OSError as error:
-            what = address if address == name else f"{address} (of {name})"
             raise ConfigError(
                 "source_addresses", what, f"is not an address of this host ({error.strerror or error})"
             ) from None
+    if _nonlocal_bind(ipv6) and not _assigned(address):
+        raise ConfigError("source_addresses", what, "is not assigned to any network interface of this host")
+
+
+def _nonlocal_bind(ipv6: bool) -> bool:
+    path = f"/proc/sys/net/{'ipv6' if ipv6 else 'ipv4'}/ip_nonlocal_bind"
+    try:
+        with open(path, encoding="ascii") as file:
+            return file.read().strip() != "0"
+    except OSError:
+        return False
+
+
+def _assigned(address: str) -> bool:
+    """Whether an interface of this host has `address` (127.0.0.0/8 is all loopback's)."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        return ip.is_loopback or address in _all_ipv4()
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii") as table:
+        for line in table:
+            fields = line.split()
+            if fields and ipaddress.IPv6Address(bytes.fromhex(fields[0])) == ip:
+                return True
+    return False
+
+
+def _all_ipv4() -> set[str]:
+    """Every IPv4 address of every interface, secondary ones included (SIOCGIFCONF)."""
+    size = _IFREQ_SIZE * 1024
+    buffer = array.array("B", bytes(size))
+    request = struct.pack("iL", size, buffer.buffer_info()[0])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            answer = fcntl.ioctl(sock.fileno(), _SIOCGIFCONF, request)
+        except OSError:
+            return set()
+    length = struct.unpack("iL", answer)[0]
+    data = buffer.tobytes()[:length]
+    # Each struct ifreq: the name (16 bytes), then a sockaddr_in whose address is at +4.
+    return {socket.inet_ntoa(data[i + 20 : i + 24]) for i in range(0, length, _IFREQ_SIZE)}
 
 
 # -- the port budget ----------------------------------------------------------------------------
