@@ -38,7 +38,6 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 from urllib.parse import unquote
@@ -59,7 +58,6 @@ from poolkit.testing import (
     EchoServer,
     EchoServers,
     EchoStub,
-    echo_pb2_grpc,
     start_echo_servers,
 )
 
@@ -620,47 +618,36 @@ def authority() -> trustme.CA:
     return trustme.CA()
 
 
-def start_tls_server(ca: trustme.CA, name: str) -> tuple[grpc.Server, Any, int]:
-    """A TLS echo server on 127.0.0.1 whose certificate (from `ca`) is for `name` only:
-    the server, its echo servicer (for its counts) and its port."""
-    from poolkit.testing import _EchoServicer  # EchoServer serves without TLS only
-
-    cert = ca.issue_cert(name)
-    credentials = grpc.ssl_server_credentials([(cert.private_key_pem.bytes(), cert.cert_chain_pems[0].bytes())])
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
-    servicer = _EchoServicer(f"tls-{name}", 0.0)
-    echo_pb2_grpc.add_EchoServicer_to_server(servicer, server)
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    return server, servicer, port
-
-
 @pytest.fixture
-def tls_server(authority: trustme.CA) -> Iterator[Callable[[str], tuple[Any, int]]]:
-    """Starts TLS echo servers with a certificate for a given name; stops them after the test."""
-    started: list[grpc.Server] = []
+def tls_server(authority: trustme.CA) -> Iterator[Callable[[str], EchoServer]]:
+    """Starts TLS echo servers on 127.0.0.1 whose certificate (from `authority`) is for a
+    given name only; stops them after the test."""
+    started: list[EchoServer] = []
 
-    def start(name: str) -> tuple[Any, int]:
-        server, servicer, port = start_tls_server(authority, name)
+    def start(name: str) -> EchoServer:
+        cert = authority.issue_cert(name)
+        key_pair = (cert.private_key_pem.bytes(), cert.cert_chain_pems[0].bytes())
+        server = EchoServer(server_id=f"tls-{name}", credentials=grpc.ssl_server_credentials([key_pair]))
         started.append(server)
-        return servicer, port
+        return server
 
     yield start
     for server in started:
-        server.stop(None).wait()
+        server.stop()
 
 
 def test_tls_with_a_bound_source(
-    tls_server: Callable[[str], tuple[Any, int]], authority: trustme.CA, client: Client
+    tls_server: Callable[[str], EchoServer], authority: trustme.CA, client: Client
 ) -> None:
-    servicer, port = tls_server("localhost")
+    server = tls_server("localhost")
+    port = server.port
     credentials = grpc.ssl_channel_credentials(authority.cert_pem.bytes())
     client.open(f"localhost:{port}", pool_config(source_addresses=["127.0.0.2"]), credentials)
 
     reply = client.unary()
 
     assert peer_host(reply.peer) == "127.0.0.2"
-    assert {peer_host(peer) for peer in servicer.counts().peers} == {"127.0.0.2"}
+    assert {peer_host(peer) for peer in server.peers} == {"127.0.0.2"}
 
 
 @pytest.mark.parametrize(
@@ -669,13 +656,14 @@ def test_tls_with_a_bound_source(
     ids=["literal-address", "other-name"],
 )
 def test_tls_refuses_a_certificate_for_another_name(
-    tls_server: Callable[[str], tuple[Any, int]],
+    tls_server: Callable[[str], EchoServer],
     authority: trustme.CA,
     client: Client,
     target_host: str,
     cert_name: str,
 ) -> None:
-    servicer, port = tls_server(cert_name)
+    server = tls_server(cert_name)
+    port = server.port
     credentials = grpc.ssl_channel_credentials(authority.cert_pem.bytes())
     client.open(f"{target_host}:{port}", pool_config(source_addresses=["127.0.0.2"]), credentials)
 
@@ -683,7 +671,7 @@ def test_tls_refuses_a_certificate_for_another_name(
         client.unary(timeout=CALL_TIMEOUT)
 
     assert caught.value.code() is UNAVAILABLE, caught.value  # not DEADLINE_EXCEEDED: it did not hang
-    assert servicer.counts().calls == 0
+    assert server.calls == 0
 
 
 # -- 5. binding survives a reconnection -------------------------------------------------------

@@ -204,7 +204,8 @@ def _status_code(number: int) -> tuple[int, str]:
 
 
 class EchoServer:
-    """One in-process echo + health server on loopback, on `port` or (0) one the kernel chooses."""
+    """One in-process echo + health server on loopback, on `port` or (0) one the kernel
+    chooses; over TLS when given server `credentials` (`grpc.ssl_server_credentials`)."""
 
     def __init__(
         self,
@@ -215,6 +216,7 @@ class EchoServer:
         max_workers: int = 16,
         options: Sequence[tuple[str, object]] = (),
         port: int = 0,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.host = host
         options = list(options)
@@ -223,7 +225,10 @@ class EchoServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
         listen_host = bracketed(host)
         try:
-            self.port = self._server.add_insecure_port(f"{listen_host}:{port}")
+            if credentials is None:
+                self.port = self._server.add_insecure_port(f"{listen_host}:{port}")
+            else:
+                self.port = self._server.add_secure_port(f"{listen_host}:{port}", credentials)
         except RuntimeError as error:  # grpc's way of saying the bind failed
             raise OSError(f"cannot listen on {listen_host}:{port}: {error}") from None
         if self.port == 0:
@@ -352,9 +357,11 @@ def start_echo_servers(
     max_workers: int = 16,
     options: Sequence[tuple[str, object]] = (),
     ports: Sequence[int] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> EchoServers:
     """Start `count` in-process servers on `host`; `delays[i]` adds latency to server i,
-    and server i listens on `ports[i]` (0 or none given: a port the kernel chooses)."""
+    and server i listens on `ports[i]` (0 or none given: a port the kernel chooses); all
+    over TLS with `credentials`, if given."""
     if len(ports) > count:
         raise ValueError(f"{len(ports)} ports given for {count} servers")
     servers: list[EchoServer] = []
@@ -364,7 +371,13 @@ def start_echo_servers(
             port = ports[i] if i < len(ports) else 0
             servers.append(
                 EchoServer(
-                    host, server_id=f"echo-{i}", delay=delay, max_workers=max_workers, options=options, port=port
+                    host,
+                    server_id=f"echo-{i}",
+                    delay=delay,
+                    max_workers=max_workers,
+                    options=options,
+                    port=port,
+                    credentials=credentials,
                 )
             )
     except BaseException:
