@@ -52,6 +52,7 @@ _ESTABLISHED = "01"
 _TIME_WAIT = "06"
 _LISTEN = "0A"
 _SELF_CHECK_SOURCE = "127.0.0.2"  # every 127.0.0.0/8 address is local on Linux
+_SELF_CHECK_SERVER = "127.0.0.254"
 _SELF_CHECK_TIMEOUT = 5.0
 
 _MUTATE_FD = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_int, ctypes.c_void_p)
@@ -211,12 +212,18 @@ def _try_binding() -> str | None:
     source = Source(_SELF_CHECK_SOURCE)
     binding = binding_for(source)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
+        # Not 127.0.0.1, and reusing ports in TIME_WAIT: a host short of ports there (the
+        # very case for source binding) must still be able to run the check.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((_SELF_CHECK_SERVER, 0))
+        except OSError as error:
+            return f"cannot listen on {_SELF_CHECK_SERVER} for the check: {error.strerror or error}"
         listener.listen(1)
         listener.settimeout(_SELF_CHECK_TIMEOUT)
         port = listener.getsockname()[1]
         options = [*channel_options(source), ("grpc.use_local_subchannel_pool", 1)]
-        channel = grpc.insecure_channel(f"ipv4:127.0.0.1:{port}", options=options)
+        channel = grpc.insecure_channel(f"ipv4:{_SELF_CHECK_SERVER}:{port}", options=options)
         # A call, not subscribe(): it makes grpc connect, and ends (the listener speaks no
         # HTTP/2) before the channel is closed. Closing a channel whose connectivity is
         # being watched races grpc's polling thread, which then dies noisily.
