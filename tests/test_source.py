@@ -878,3 +878,72 @@ def test_non_local_source_is_refused_where_non_local_binds_are_allowed() -> None
     outcome, why = construct_in_namespace(1, NON_LOCAL[0])
     assert outcome == "refused"
     assert NON_LOCAL[0] in why
+
+
+# -- 7. the port budget as OpenTelemetry metrics ------------------------------------------------
+
+# Run in a child process: an OpenTelemetry meter provider is global to a process, once set.
+METRICS_SCRIPT = """
+import json, sys
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+
+import poolkit
+from poolkit.testing import EchoRequest, EchoStub, start_echo_servers
+
+servers = start_echo_servers(2)
+config = poolkit.PoolConfig(source_addresses=sys.argv[1:], balancer="round_robin")
+with poolkit.insecure_channel(servers.addresses, config=config) as channel:
+    for _ in range(20):
+        EchoStub(channel).Unary(EchoRequest(payload=b"x"), timeout=5)
+    budget = channel.port_budget()
+    points = {}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                points[metric.name] = {
+                    "unit": metric.unit,
+                    "points": [[dict(p.attributes), p.value] for p in metric.data.data_points],
+                }
+    print(json.dumps({"target": channel.describe()["target"], "budget": budget, "metrics": points}))
+servers.stop()
+"""
+
+
+def test_port_budget_is_reported_as_metrics() -> None:
+    """With an SDK meter provider, every source address of a live channel has the three
+    port-budget gauges, agreeing with port_budget(), under the channel's target."""
+    sources = ["127.0.0.2", "127.0.0.3"]
+    done = subprocess.run(
+        [sys.executable, "-c", METRICS_SCRIPT, *sources],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    metrics = report["metrics"]
+    expected_units = {
+        "poolkit.source.connections": "{connection}",
+        "poolkit.source.ports_in_use": "{port}",
+        "poolkit.source.port_range_share": "1",
+    }
+    assert {name: metrics[name]["unit"] for name in expected_units} == expected_units
+    for name, field in (
+        ("poolkit.source.connections", "connections"),
+        ("poolkit.source.ports_in_use", "sockets"),
+        ("poolkit.source.port_range_share", "share_in_use"),
+    ):
+        points = metrics[name]["points"]
+        assert sorted(attributes["poolkit.source_address"] for attributes, _ in points) == sources
+        assert {attributes["grpc.target"] for attributes, _ in points} == {report["target"]}
+        for attributes, value in points:
+            if field == "connections":  # the others may move between two reads of /proc
+                assert value == report["budget"][attributes["poolkit.source_address"]][field] == 2
+            else:
+                assert value > 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from . import _source
+from . import _source, _telemetry
 from ._config import PoolConfig
 from ._discovery import Discovery
 from ._errors import ConfigError, PoolUnavailableError
@@ -98,6 +98,7 @@ class Pooled:
         self._plans: dict[str, Plan] = {}
         self._lock = threading.Lock()
         self._unroutable: set[Endpoint] = set()  # resolved endpoints no source can reach
+        _telemetry.watch_ports(self)
 
     # -- discovery, shared by both shells -----------------------------------------------
 
