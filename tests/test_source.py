@@ -27,7 +27,6 @@ private network namespace).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import random
@@ -82,6 +81,7 @@ CONCURRENCY = 8
 # Round robin over the routes gives each source half the calls; the bounds leave room
 # for a balancer that is merely fair.
 EVEN_LOW, EVEN_HIGH = 0.35, 0.65
+KINDS = ("sync", "aio")
 # Addresses this host should not have (a test using one is skipped if it does): a
 # private address nobody routes to, and one of TEST-NET-1.
 NON_LOCAL = ("10.255.255.1", "192.0.2.1")
@@ -264,7 +264,7 @@ class AioClient:
         self._loop.stop(self._opened)
 
 
-@pytest.fixture(params=["sync", "aio"])
+@pytest.fixture(params=KINDS)
 def client(request: pytest.FixtureRequest) -> Iterator[Client]:
     """One blocking way to drive a poolkit channel of either kind; the test opens it."""
     driver: Client = SyncClient() if request.param == "sync" else AioClient()
@@ -313,32 +313,6 @@ def ipv6() -> None:
     """Skip unless this host has IPv6 loopback (::1)."""
     if not socket.has_ipv6 or not can_bind("::1"):
         pytest.skip("no IPv6 loopback (::1) on this host")
-
-
-def global_ipv6() -> str | None:
-    """An IPv6 address of this host other than ::1 (not link-local) that can reach ::1,
-    if it has one: a source whose binding the server can tell from an unbound connection."""
-    try:
-        with open("/proc/net/if_inet6", encoding="ascii") as table:
-            lines = table.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        address = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
-        if address.is_loopback or address.is_link_local:
-            continue
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener, socket.socket(socket.AF_INET6) as sock:
-            try:
-                listener.bind(("::1", 0))
-                listener.listen(1)
-                sock.bind((address.compressed, 0))
-                sock.connect(listener.getsockname()[:2])
-            except OSError:
-                continue
-            listener.accept()[0].close()
-        return address.compressed
-    return None
 
 
 def peer_host(peer: str) -> str:
@@ -556,21 +530,16 @@ def test_ipv6_source_serves_an_ipv6_endpoint(echo: Callable[..., EchoServers], c
     assert connections(["::1"], servers) == 1
 
 
-def test_ipv6_sources_are_bound(echo: Callable[..., EchoServers], client: Client, ipv6: None) -> None:
-    """From ::1 to ::1 a connection looks the same bound or not; a second, global address
-    shows the binding."""
-    other = global_ipv6()
-    if other is None:
-        pytest.skip("no IPv6 address besides ::1 that can reach ::1")
-    sources = ["::1", other]
-    servers = echo(1, "::1")
-    client.open(servers.target, pool_config(source_addresses=sources))
-
-    by_source = peer_hosts(responses(client.unary_many(100)))
-
-    assert set(by_source) == set(sources), by_source
+@pytest.mark.parametrize("kind", KINDS)
+def test_ipv6_sources_are_bound(kind: str) -> None:
+    """From ::1 to ::1 a connection looks the same bound or not, so the binding is shown
+    with a second IPv6 address, added to loopback in a private network namespace: the
+    server sees calls from both sources, about evenly, over one connection each."""
+    outcome = run_in_namespace(_IPV6_IN_NAMESPACE, kind, _EXTRA_IPV6)
+    by_source, connections_seen = outcome
+    assert set(by_source) == {"::1", _EXTRA_IPV6}, by_source
     assert all(EVEN_LOW * 100 <= count <= EVEN_HIGH * 100 for count in by_source.values()), by_source
-    assert connections(sources, servers) == 2
+    assert connections_seen == 2
 
 
 def test_mixed_families_pair_each_endpoint_with_its_own(
@@ -850,21 +819,59 @@ os._exit(0)
 """
 
 
-def construct_in_namespace(nonlocal_bind: int, source: str) -> tuple[str, str]:
-    """Build a channel bound to `source` in a private network namespace (its own sysctls)
-    with net.ipv4.ip_nonlocal_bind set as given: ("refused", why) or ("accepted", "")."""
+_EXTRA_IPV6 = "fd00:5::2"  # a unique-local address this test gives the namespace's loopback
+
+_IPV6_IN_NAMESPACE = """
+import asyncio, collections, json, os, subprocess, sys
+import poolkit, poolkit.aio
+from poolkit.testing import EchoRequest, EchoStub, start_echo_servers
+
+kind, extra = sys.argv[1], sys.argv[2]
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["ip", "-6", "addr", "add", f"{extra}/128", "dev", "lo", "nodad"], check=True)
+servers = start_echo_servers(1, "::1")
+config = poolkit.PoolConfig(source_addresses=["::1", extra], balancer="round_robin", health_check=None)
+request = EchoRequest(payload=b"x")
+
+def host(peer):
+    return peer.partition(":")[2].rsplit(":", 1)[0].strip("[]").replace("%5B", "").replace("%5D", "")
+
+if kind == "sync":
+    with poolkit.insecure_channel(servers.target, config=config) as channel:
+        replies = [EchoStub(channel).Unary(request, timeout=5) for _ in range(100)]
+else:
+    async def calls():
+        async with poolkit.aio.insecure_channel(servers.target, config=config) as channel:
+            return [await EchoStub(channel).Unary(request, timeout=5) for _ in range(100)]
+    replies = asyncio.run(calls())
+by_source = collections.Counter(host(reply.peer) for reply in replies)
+print(json.dumps([by_source, len(servers[0].peers)]), flush=True)
+os._exit(0)  # as above: no interpreter shutdown behind grpc's threads
+"""
+
+
+def run_in_namespace(script: str, *args: str) -> Any:
+    """Run `script` in a private network namespace (its own addresses and sysctls); the
+    JSON it printed last."""
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
         pytest.skip("needs root, unshare and ip for a private network namespace")
     run = subprocess.run(
-        ["unshare", "-n", sys.executable, "-c", _IN_NAMESPACE, str(nonlocal_bind), source],
+        ["unshare", "-n", sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    if run.returncode != 0:
+    if run.returncode != 0 and "unshare" in run.stderr:
         pytest.skip(f"no private network namespace here: {run.stderr.strip()[-300:]}")
-    outcome, why = json.loads(run.stdout.splitlines()[-1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def construct_in_namespace(nonlocal_bind: int, source: str) -> tuple[str, str]:
+    """Build a channel bound to `source` in a private network namespace with
+    net.ipv4.ip_nonlocal_bind set as given: ("refused", why) or ("accepted", "")."""
+    outcome, why = run_in_namespace(_IN_NAMESPACE, str(nonlocal_bind), source)
     return outcome, why
 
 
