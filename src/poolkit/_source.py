@@ -41,10 +41,10 @@ from ._target import Endpoint
 
 # <linux/in.h>: bind() picks no port; connect() does, per (source, destination) 4-tuple.
 IP_BIND_ADDRESS_NO_PORT = 24
-_SIOCGIFADDR = 0x8915
 _SIOCGIFCONF = 0x8912
 _IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux
 _IFNAMSIZ = 16
+_LINK_LOCAL = 0x20  # /proc/net/if_inet6's scope of fe80::/10
 _PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 _TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 # /proc/net/tcp state codes (include/net/tcp_states.h).
@@ -297,26 +297,45 @@ def _addresses_of(name: str) -> list[str]:
 
 
 def _ipv4_of(interface: str) -> list[str]:
-    """The interface's (primary) IPv4 address, if it has one."""
-    request = struct.pack("256s", interface.encode()[: _IFNAMSIZ - 1])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            answer = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
-        except OSError:
-            return []
-    return [socket.inet_ntoa(answer[20:24])]
+    return [address for name, address in _ipv4_table() if name == interface]
 
 
 def _ipv6_of(interface: str) -> list[str]:
     """The interface's global and loopback IPv6 addresses (link-local ones need a scope
     and serve only link-local servers: left out)."""
-    addresses = []
-    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii") as table:
-        for line in table:
+    return [address for name, address, scope in _ipv6_table() if name == interface and scope != _LINK_LOCAL]
+
+
+def _ipv4_table() -> list[tuple[str, str]]:
+    """(interface, address) for every IPv4 address of this host, secondary ones included
+    (SIOCGIFCONF)."""
+    size = _IFREQ_SIZE * 1024
+    buffer = array.array("B", bytes(size))
+    request = struct.pack("iL", size, buffer.buffer_info()[0])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            answer = fcntl.ioctl(sock.fileno(), _SIOCGIFCONF, request)
+        except OSError:
+            return []
+    length = struct.unpack("iL", answer)[0]
+    data = buffer.tobytes()[:length]
+    # Each struct ifreq: the name (16 bytes), then a sockaddr_in whose address is at +4.
+    return [
+        (data[i : i + _IFNAMSIZ].split(b"\0", 1)[0].decode(), socket.inet_ntoa(data[i + 20 : i + 24]))
+        for i in range(0, length, _IFREQ_SIZE)
+    ]
+
+
+def _ipv6_table() -> list[tuple[str, str, int]]:
+    """(interface, address, scope) for every IPv6 address of this host (/proc/net/if_inet6)."""
+    table = []
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii") as lines:
+        for line in lines:
             fields = line.split()
-            if len(fields) == 6 and fields[5] == interface and int(fields[3], 16) != 0x20:
-                addresses.append(ipaddress.IPv6Address(bytes.fromhex(fields[0])).compressed)
-    return addresses
+            if len(fields) == 6:
+                address = ipaddress.IPv6Address(bytes.fromhex(fields[0])).compressed
+                table.append((fields[5], address, int(fields[3], 16)))
+    return table
 
 
 def _check_local(address: str, name: str) -> None:
@@ -350,29 +369,8 @@ def _assigned(address: str) -> bool:
     """Whether an interface of this host has `address` (127.0.0.0/8 is all loopback's)."""
     ip = ipaddress.ip_address(address)
     if ip.version == 4:
-        return ip.is_loopback or address in _all_ipv4()
-    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii") as table:
-        for line in table:
-            fields = line.split()
-            if fields and ipaddress.IPv6Address(bytes.fromhex(fields[0])) == ip:
-                return True
-    return False
-
-
-def _all_ipv4() -> set[str]:
-    """Every IPv4 address of every interface, secondary ones included (SIOCGIFCONF)."""
-    size = _IFREQ_SIZE * 1024
-    buffer = array.array("B", bytes(size))
-    request = struct.pack("iL", size, buffer.buffer_info()[0])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            answer = fcntl.ioctl(sock.fileno(), _SIOCGIFCONF, request)
-        except OSError:
-            return set()
-    length = struct.unpack("iL", answer)[0]
-    data = buffer.tobytes()[:length]
-    # Each struct ifreq: the name (16 bytes), then a sockaddr_in whose address is at +4.
-    return {socket.inet_ntoa(data[i + 20 : i + 24]) for i in range(0, length, _IFREQ_SIZE)}
+        return ip.is_loopback or any(found == address for _, found in _ipv4_table())
+    return any(found == address for _, found, _ in _ipv6_table())
 
 
 # -- the port budget ----------------------------------------------------------------------------
@@ -445,18 +443,3 @@ def _count(counts: SocketCounts, state: str) -> None:
         counts.established += 1
     elif state == _TIME_WAIT:
         counts.time_wait += 1
-
-
-def _hex_address(text: str) -> tuple[str, int]:
-    """ "0100007F:1F90" (or 32 hex digits for IPv6) as ("127.0.0.1", 8080); a v4-mapped
-    IPv6 address as its IPv4 form, since grpc dials IPv4 on dual-stack sockets."""
-    host, _, port = text.partition(":")
-    raw = bytes.fromhex(host)
-    # /proc prints each 32-bit word in host (little-endian) order.
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    if len(words) == 4:
-        address = socket.inet_ntop(socket.AF_INET, words)
-    else:
-        ip = ipaddress.IPv6Address(words)
-        address = str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else ip.compressed
-    return address, int(port, 16)
