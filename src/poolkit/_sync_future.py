@@ -52,7 +52,6 @@ class RetryingFuture(grpc.Call, _FutureBase):
         "_args",
         "_callbacks",
         "_cancelled",
-        "_deadline",
         "_final",
         "_first_route",
         "_gate",
@@ -64,6 +63,7 @@ class RetryingFuture(grpc.Call, _FutureBase):
         "_started",
         "_state",
         "_streaming_request",
+        "_timeout",
         "_timer",
     )
 
@@ -95,7 +95,7 @@ class RetryingFuture(grpc.Call, _FutureBase):
         self._callbacks: list[Callable[[], None]] = []
         plan, clock = multicallable._plan, multicallable._clock
         self._started = now = clock()
-        self._deadline = None if timeout is None else now + timeout
+        self._timeout = timeout  # the caller's, for the whole call
         slot = multicallable._pool.begin(wait_for_ready)
         self._first_route = slot.route
         self._state: Attempts | None = None  # made on the first failure, or now if special
@@ -163,7 +163,7 @@ class RetryingFuture(grpc.Call, _FutureBase):
         pool, plan, clock = multicallable._pool, multicallable._plan, multicallable._clock
         state = self._state
         if state is None:
-            state = self._state = plan.first(self._started, self._remaining_at_start(), self._first_route)
+            state = self._state = plan.first(self._started, self._timeout, self._first_route)
         delay = plan.decide(state, failed, clock())
         if delay is None or not pool.spend(REQUEUE if delay == REQUEUE_NOW else RETRY):
             self._finish(failed)
@@ -224,9 +224,6 @@ class RetryingFuture(grpc.Call, _FutureBase):
                 return
             self._timer = timer
         timer.start()
-
-    def _remaining_at_start(self) -> float | None:
-        return None if self._deadline is None else self._deadline - self._started
 
     def _finish(self, outcome: Any) -> None:
         """The call is over: `outcome` (an attempt, or `_CANCELLED_BETWEEN`) speaks for it."""
@@ -330,9 +327,9 @@ class RetryingFuture(grpc.Call, _FutureBase):
         return self._final is None
 
     def time_remaining(self) -> Any:
-        if self._deadline is None:
+        if self._timeout is None:
             return None
-        return max(0.0, self._deadline - self._multicallable._clock())
+        return max(0.0, self._started + self._timeout - self._multicallable._clock())
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         with self._lock:
