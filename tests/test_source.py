@@ -916,6 +916,8 @@ with poolkit.insecure_channel(servers.addresses, config=config) as channel:
     for resource in reader.get_metrics_data().resource_metrics:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
+                if not metric.name.startswith("poolkit.source."):
+                    continue  # the per-call histograms and the pool's other instruments
                 points[metric.name] = {
                     "unit": metric.unit,
                     "points": [[dict(p.attributes), p.value] for p in metric.data.data_points],

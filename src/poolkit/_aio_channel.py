@@ -28,7 +28,17 @@ from ._errors import ConfigError, PoolClosedError, PoolUnavailableError
 from ._pool import REQUEUE, RETRY, Route, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, replayable, with_attempts
-from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options, take_hedge_slot
+from ._shell import (
+    ChannelOptions,
+    Deserializer,
+    MultiCallableBase,
+    Pooled,
+    Serializer,
+    may_send_again,
+    slot_options,
+    take_hedge_slot,
+)
+from ._telemetry import Attempt, CallTrace, invoke, start_call
 
 _OK = grpc.StatusCode.OK
 _UNKNOWN = grpc.StatusCode.UNKNOWN
@@ -184,9 +194,15 @@ class Channel(Pooled, grpc.aio.Channel):
         endpoint = route.endpoint
         options = slot_options(route, self._grpc_options)
         chain = self._interceptors if interceptors else None
+        # By keyword: wrappers of these functions (opentelemetry-instrumentation-grpc's
+        # adds its interceptors to `interceptors=`) expect them so.
         if self._credentials is None:
-            return grpc.aio.insecure_channel(endpoint.grpc_target, options, self._compression, chain)
-        return grpc.aio.secure_channel(endpoint.grpc_target, self._credentials, options, self._compression, chain)
+            return grpc.aio.insecure_channel(
+                endpoint.grpc_target, options=options, compression=self._compression, interceptors=chain
+            )
+        return grpc.aio.secure_channel(
+            endpoint.grpc_target, self._credentials, options=options, compression=self._compression, interceptors=chain
+        )
 
     # -- the grpc.aio.Channel contract -----------------------------------------------------
 
@@ -317,15 +333,12 @@ class _MultiCallable(MultiCallableBase):
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
     ) -> Any:
-        pool = self._pool
         if self._owner._tasks is None:
             self._owner._start_background()
-        try:
-            slot = pool.begin(wait_for_ready)
-        except PoolClosedError as error:
-            raise AioPoolClosedError(error.details(), error.code()) from None
-        except PoolUnavailableError as error:
-            raise AioPoolUnavailableError(error.details(), error.code()) from None
+        trace = start_call(self._telemetry, metadata)
+        if trace is not None:
+            return self._start_traced(trace, request, timeout, credentials, wait_for_ready, compression)
+        slot = self._begin(wait_for_ready)
         started = self._clock()
         args = (request, timeout, metadata, credentials, wait_for_ready, compression)
         if self._special and self._sample_latency:
@@ -341,12 +354,54 @@ class _MultiCallable(MultiCallableBase):
             return _Stream(call, _Restart(self, started, slot, args))
         return _UnaryCall(call, _Restart(self, started, slot, args), None)
 
-    def _invoke(self, slot: Slot, args: _Args, timeout: float | None, metadata: Any) -> Any:
+    def _begin(self, wait_for_ready: bool | None) -> Slot:
+        """The first slot of a call; the pool's refusal as a grpc.aio error."""
+        try:
+            return self._pool.begin(wait_for_ready)
+        except PoolClosedError as error:
+            raise AioPoolClosedError(error.details(), error.code()) from None
+        except PoolUnavailableError as error:
+            raise AioPoolUnavailableError(error.details(), error.code()) from None
+
+    def _start_traced(
+        self,
+        trace: CallTrace,
+        request: Any,
+        timeout: float | None,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> Any:
+        """`_start` for a call with telemetry: every attempt reports its end through
+        grpc's done-callback, and the call's end is told by its last attempt or by
+        whoever stops sending it again."""
+        metadata = trace.metadata
+        restartable = self._plan.requeues and replayable(request, self._streaming_request)
+        trace.again = restartable
+        try:
+            slot = self._begin(wait_for_ready)
+        except BaseException as error:
+            trace.give_up(error)
+            raise
+        args = (request, timeout, metadata, credentials, wait_for_ready, compression)
+        restart = _Restart(self, self._clock(), slot, args, trace)
+        if self._special and self._sample_latency:
+            return _UnaryCall.special(restart)
+        call = self._send(slot, args, timeout, metadata, trace)
+        if self._streaming:
+            return _Stream(call, restart if restartable else None, trace)
+        return _UnaryCall(call, restart, None) if restartable else call
+
+    def _invoke(
+        self, slot: Slot, args: _Args, timeout: float | None, metadata: Any, attempt: Attempt | None = None
+    ) -> Any:
         """Start one attempt on `slot`; if grpc refuses to start it, the slot is released."""
         request, _, _, credentials, wait_for_ready, compression = args
         bound = slot.callables.get(self._id) or self._bind(slot)
         try:
-            return bound(
+            return invoke(
+                attempt.call if attempt is not None else None,
+                bound,
                 request,
                 timeout=timeout,
                 metadata=metadata,
@@ -356,14 +411,28 @@ class _MultiCallable(MultiCallableBase):
             )
         except BaseException:
             self._pool.end(slot, None, _UNKNOWN)
+            if attempt is not None:
+                attempt.done(_UNKNOWN, None)
             raise
 
-    def _send(self, slot: Slot, args: _Args, timeout: float | None, metadata: Any) -> Any:
-        """Start one attempt on a slot already taken, its outcome reported to the pool by
-        grpc's done-callback."""
-        call = self._invoke(slot, args, timeout, metadata)
+    def _send(
+        self,
+        slot: Slot,
+        args: _Args,
+        timeout: float | None,
+        metadata: Any,
+        trace: CallTrace | None = None,
+        hedge: bool = False,
+    ) -> Any:
+        """Start one attempt on a slot already taken, its outcome reported to the pool
+        (and the call's telemetry) by grpc's done-callback."""
+        attempt = trace.attempt(slot.route, hedge) if trace is not None else None
+        call = self._invoke(slot, args, timeout, metadata, attempt)
         started = self._clock() if self._sample_latency else None
-        call.add_done_callback(functools.partial(self._end_call, slot, started))
+        if attempt is None:
+            call.add_done_callback(functools.partial(self._end_call, slot, started))
+        else:
+            call.add_done_callback(functools.partial(self._end_attempt, slot, started, attempt))
         return call
 
     async def _next_call(self, state: Attempts, error: BaseException, args: _Args) -> Any:
@@ -373,7 +442,7 @@ class _MultiCallable(MultiCallableBase):
             raise error
         pool, plan, clock = self._pool, self._plan, self._clock
         delay = plan.decide(state, error, clock())
-        if delay is None or not pool.spend(REQUEUE if delay == REQUEUE_NOW else RETRY):
+        if delay is None or not may_send_again(pool, state, REQUEUE if delay == REQUEUE_NOW else RETRY):
             raise error
         if delay > 0:
             await asyncio.sleep(delay)
@@ -384,22 +453,29 @@ class _MultiCallable(MultiCallableBase):
             slot = pool.begin_again(args[4], state.tried)
         except PoolUnavailableError:
             raise error from None
-        return self._send(slot, args, timeout, with_attempts(args[2], state.previous))
+        return self._send(slot, args, timeout, with_attempts(args[2], state.previous), state.trace)
 
     def _end_call(self, slot: Slot, started: float | None, call: Any) -> None:
-        # The status of a finished call, read without suspending: `call.code()` is a
-        # coroutine, but on a finished call it completes at its first step.
-        status = call.code()
-        try:
-            status.send(None)
-        except StopIteration as done:
-            code = done.value
-        except Exception:  # noqa: BLE001 - an interceptor's own exception surfaces here
-            code = _UNKNOWN
-        else:  # not expected of a done call; count it failed rather than lose it
-            status.close()
-            code = _UNKNOWN
+        code = _finished(call.code(), _UNKNOWN)
         self._pool.end(slot, started, None if code is _OK else code)
+
+    def _end_attempt(self, slot: Slot, started: float | None, attempt: Attempt, call: Any) -> None:
+        code = _finished(call.code(), _UNKNOWN)
+        self._pool.end(slot, started, None if code is _OK else code)
+        attempt.done(code, _finished(call.details(), None))
+
+
+def _finished(coroutine: Any, otherwise: Any) -> Any:
+    """What a finished call's status coroutine (`code()`, `details()`) returns, read
+    without suspending: on a finished call it completes at its first step."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    except Exception:  # noqa: BLE001 - an interceptor's own exception surfaces here
+        return otherwise
+    coroutine.close()  # not expected of a done call; count it failed rather than lose it
+    return otherwise
 
 
 _Args = tuple[Any, float | None, Any, grpc.CallCredentials | None, bool | None, grpc.Compression | None]
@@ -428,6 +504,9 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
             self._restart.multicallable._pool.end(slot, self._restart.started, code)
 
     def __del__(self) -> None:
+        trace = self._restart.trace
+        if trace is not None:
+            trace.no_more()  # dropped: its attempt's end is the call's
         slot = self._slot
         if slot is None:
             return
@@ -446,9 +525,18 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         multicallable, started = restart.multicallable, restart.started
         plan = multicallable._plan
         state = restart.state = plan.first(started, restart.args[1], restart.slot.route)
-        call = multicallable._send(restart.slot, restart.args, plan.first_timeout(state, started), restart.args[2])
+        state.trace = restart.trace
+        hedge_after = plan.hedge_delay()
+        call = multicallable._send(
+            restart.slot,
+            restart.args,
+            plan.first_timeout(state, started),
+            restart.args[2],
+            restart.trace,
+            hedge_after is not None,
+        )
         self = cls(call, restart, None)
-        self._hedge_after = plan.hedge_delay()
+        self._hedge_after = hedge_after
         return self
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -493,7 +581,7 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
                 if slot is not None:
                     now = multicallable._clock()
                     timeout = multicallable._plan.first_timeout(state, now)
-                    call = multicallable._send(slot, args, timeout, with_attempts(args[2], 1))
+                    call = multicallable._send(slot, args, timeout, with_attempts(args[2], 1), restart.trace, True)
                     attempts[asyncio.ensure_future(_outcome(call))] = (call, now)
             error: BaseException | None = None
             while attempts:
@@ -571,19 +659,28 @@ class _Restart:
     """What a call needs to be sent again: its method, start, first slot, arguments,
     and (made on its first failure) its retry record."""
 
-    __slots__ = ("args", "multicallable", "slot", "started", "state")
+    __slots__ = ("args", "multicallable", "slot", "started", "state", "trace")
 
-    def __init__(self, multicallable: _MultiCallable, started: float, slot: Slot, args: _Args) -> None:
+    def __init__(
+        self, multicallable: _MultiCallable, started: float, slot: Slot, args: _Args, trace: CallTrace | None = None
+    ) -> None:
         self.multicallable = multicallable
         self.started = started
         self.slot = slot
         self.args = args
         self.state: Attempts | None = None
+        self.trace = trace
 
     async def next_call(self, error: BaseException) -> Any:
         if self.state is None:
             self.state = self.multicallable._plan.first(self.started, self.args[1], self.slot.route)
-        return await self.multicallable._next_call(self.state, error, self.args)
+            self.state.trace = self.trace
+        try:
+            return await self.multicallable._next_call(self.state, error, self.args)
+        except BaseException as failure:
+            if self.trace is not None:
+                self.trace.give_up(failure)
+            raise
 
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
@@ -661,16 +758,25 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
     `async for reply in stub.Stream(request)` keeps the call alive while it runs.
     """
 
-    __slots__ = ("_call", "_restart")
+    __slots__ = ("_call", "_restart", "_trace")
 
-    def __init__(self, call: Any, restart: _Restart | None) -> None:
+    def __init__(self, call: Any, restart: _Restart | None, trace: CallTrace | None = None) -> None:
         self._call = call
         self._restart = restart  # until the first message: how to send the call again
+        self._trace = trace
 
     def __del__(self) -> None:
+        if self._trace is not None:
+            self._trace.no_more()  # dropped: its attempt's end (cancelled here) is the call's
         call = self._call
         if not call.done():
             call.cancel()
+
+    def _received(self) -> None:
+        """The first message came: the call is not sent again from now on."""
+        self._restart = None
+        if self._trace is not None:
+            self._trace.no_more()
 
     def __aiter__(self) -> _Messages:
         return _Messages(self, self._call.__aiter__())
@@ -682,7 +788,7 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
             except grpc.aio.AioRpcError as error:
                 self._call = await self._restart.next_call(error)
                 continue
-            self._restart = None
+            self._received()
             return message
         return await self._call.read()
 
@@ -753,6 +859,6 @@ class _Messages:
                 stream._call = await stream._restart.next_call(error)
                 self._iterator = stream._call.__aiter__()
                 continue
-            stream._restart = None
+            stream._received()
             return message
         return await self._iterator.__anext__()

@@ -25,8 +25,9 @@ from ._pool import Route, Slot
 from ._retry import Attempts, replayable, resend, with_attempts
 from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
 from ._sync_future import RetryingFuture
-from ._sync_retry import RetryingStream, first_attempt_special, next_slot, retry_blocking, start_on
+from ._sync_retry import RetryingStream, call_general, next_slot, retry_blocking, start_on
 from ._sync_watch import DiscoveryThread, HealthThread
+from ._telemetry import Attempt, CallTrace, start_call
 
 # How long close() waits for each background thread; they stop promptly once told.
 _JOIN_TIMEOUT = 2.0
@@ -280,9 +281,19 @@ class _MultiCallable(MultiCallableBase):
     ) -> tuple[Any, grpc.Call]:
         """A blocking `with_call` on the chosen slot; its duration is a latency sample
         only for unary requests (a request stream's pace is the caller's)."""
-        if sample_latency and self._special:
-            return first_attempt_special(  # type: ignore[no-any-return]
-                self, "with_call", request, timeout, metadata, credentials, wait_for_ready, compression
+        trace = start_call(self._telemetry, metadata)
+        if trace is not None or (sample_latency and self._special):
+            return call_general(  # type: ignore[no-any-return]
+                self,
+                trace,
+                "with_call",
+                request,
+                timeout,
+                metadata,
+                credentials,
+                wait_for_ready,
+                compression,
+                not sample_latency,
             )
         pool = self._pool
         slot = pool.begin(wait_for_ready)
@@ -312,11 +323,13 @@ class _MultiCallable(MultiCallableBase):
         pool.end(slot, started if sample_latency else None)
         return result  # type: ignore[no-any-return]
 
-    def _end_call(self, slot: Slot, started: float | None, call_ref: weakref.ref[Any]) -> None:
+    def _end_call(self, slot: Slot, started: float | None, call_ref: weakref.ref[Any], attempt: Attempt | None) -> None:
         call = call_ref()
         # A call collected unfinished was cancelled by grpc on the way out.
         code = call.code() if call is not None else grpc.StatusCode.CANCELLED
         self._pool.end(slot, started, None if code is _OK else code)
+        if attempt is not None:
+            attempt.done(code, call.details() if call is not None else "dropped unfinished")
 
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
@@ -331,9 +344,10 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        if self._special:
-            return first_attempt_special(
-                self, None, request, timeout, metadata, credentials, wait_for_ready, compression
+        trace = start_call(self._telemetry, metadata)
+        if trace is not None or self._special:
+            return call_general(
+                self, trace, None, request, timeout, metadata, credentials, wait_for_ready, compression, False
             )
         pool = self._pool
         slot = pool.begin(wait_for_ready)
@@ -463,14 +477,35 @@ def _future(
 ) -> Any:
     """Start a call that returns a future at once: grpc's own future on a slot of its own
     when it is never sent again, else one that retries (`RetryingFuture`)."""
+    trace = start_call(multicallable._telemetry, metadata)
+    if trace is not None:
+        metadata = trace.metadata
     if multicallable._plan.requeues and replayable(request, streaming_request):
         return RetryingFuture(
-            multicallable, request, timeout, metadata, credentials, wait_for_ready, compression, streaming_request
+            multicallable,
+            trace,
+            request,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+            streaming_request,
         )
-    slot = multicallable._pool.begin(wait_for_ready)
+    slot = _begin(multicallable, wait_for_ready, trace)
     started = None if streaming_request else multicallable._clock()
     return start_on(
-        multicallable, slot, "future", started, request, timeout, metadata, credentials, wait_for_ready, compression
+        multicallable,
+        slot,
+        "future",
+        started,
+        request,
+        timeout,
+        metadata,
+        credentials,
+        wait_for_ready,
+        compression,
+        trace,
     )
 
 
@@ -485,12 +520,18 @@ def _start_stream(
     streaming_request: bool,
 ) -> Any:
     """Start a response stream; behind a `RetryingStream` when it may be sent again."""
+    trace = start_call(multicallable._telemetry, metadata)
+    if trace is not None:
+        metadata = trace.metadata
     started = multicallable._clock()
     again = replayable(request, streaming_request)
     sent = resend(request, streaming_request) if again else request
-    slot = multicallable._pool.begin(wait_for_ready)
-    call = start_on(multicallable, slot, None, None, sent, timeout, metadata, credentials, wait_for_ready, compression)
-    if not again or not multicallable._plan.requeues:
+    restartable = again and multicallable._plan.requeues
+    slot = _begin(multicallable, wait_for_ready, trace, restartable)
+    call = start_on(
+        multicallable, slot, None, None, sent, timeout, metadata, credentials, wait_for_ready, compression, trace
+    )
+    if not restartable:
         return call
     state: list[Attempts] = []  # made on the first failure
     route = slot.route
@@ -498,8 +539,14 @@ def _start_stream(
     def restart(error: grpc.RpcError) -> Any:
         if not state:
             state.append(multicallable._plan.first(started, timeout, route))
+            state[0].trace = trace
         attempts = state[0]
-        slot, attempt_timeout = next_slot(multicallable, attempts, error, wait_for_ready)
+        try:
+            slot, attempt_timeout = next_slot(multicallable, attempts, error, wait_for_ready)
+        except BaseException as failure:
+            if trace is not None:
+                trace.give_up(failure)
+            raise
         return start_on(
             multicallable,
             slot,
@@ -511,6 +558,23 @@ def _start_stream(
             credentials,
             wait_for_ready,
             compression,
+            trace,
         )
 
-    return RetryingStream(call, restart)
+    return RetryingStream(call, restart, trace)
+
+
+def _begin(
+    multicallable: _MultiCallable, wait_for_ready: bool | None, trace: CallTrace | None, again: bool = False
+) -> Slot:
+    """The first slot of a call that returns at once (a future, a stream); with telemetry,
+    a refusal ends the call's span, and `again` says whether a failed attempt may be
+    followed by another (else the first attempt's end is the call's)."""
+    if trace is None:
+        return multicallable._pool.begin(wait_for_ready)
+    trace.again = again
+    try:
+        return multicallable._pool.begin(wait_for_ready)
+    except BaseException as error:
+        trace.give_up(error)
+        raise

@@ -292,6 +292,12 @@ class PoolConfig:
     retry_budget: RetryBudget = field(default_factory=RetryBudget)
     """What retries, requeues and hedges may add to the calls made, shared by the channel."""
 
+    telemetry: bool = True
+    """OpenTelemetry for every call: a CLIENT span (attempt spans when it is retried), the
+    trace context in the outgoing metadata, and gRPC's per-call metrics, through whatever
+    providers the application installed (with none, next to no cost). False leaves the
+    calls of this channel untraced, unpropagated and uncounted; the pool's own gauges stay."""
+
     def retry_policy(self, method: str) -> RetryPolicy | None:
         """The policy for a full method name: its own, its service's, or `retry`."""
         table = self.method_retry
@@ -310,6 +316,8 @@ class PoolConfig:
         _check_positive("initial_rtt", self.initial_rtt)
         if not isinstance(self.connect_on_start, bool):
             raise ConfigError("connect_on_start", self.connect_on_start, "must be True or False")
+        if not isinstance(self.telemetry, bool):
+            raise ConfigError("telemetry", self.telemetry, "must be True or False")
         object.__setattr__(self, "source_addresses", _source_addresses(self.source_addresses))
         if not isinstance(self.weights, Mapping):
             raise ConfigError("weights", self.weights, "must be a mapping of endpoint address to weight")

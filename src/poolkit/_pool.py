@@ -107,6 +107,7 @@ class Route:
 
     __slots__ = (
         "accrual",
+        "changes",
         "draining",
         "ejected_until",
         "ejections",
@@ -146,6 +147,7 @@ class Route:
         self.ejections = 0
         self.probe = _NO_PROBE
         self.status = HEALTHY
+        self.changes: dict[str, int] = {}  # times it entered each status, for telemetry
 
     @property
     def failing(self) -> bool:
@@ -517,6 +519,7 @@ class PoolState:
             if status != route.status:
                 self.transitions.append((now, route.name, route.status, status, why))
                 route.status = status
+                route.changes[status] = route.changes.get(status, 0) + 1
             if status != DRAINING:
                 active.append(route)
         healthy = [r for r in active if r.status == HEALTHY]

@@ -116,6 +116,7 @@ class Attempts(RetryCallState):
         self.pushback: float | None = None
         self.timed_out = False  # the last attempt ran out of its own timeout
         self.stopped = ""  # why the call stopped going again
+        self.trace: Any = None  # the call's telemetry (a _telemetry.CallTrace), when traced
 
     @property
     def previous(self) -> int:

@@ -98,7 +98,8 @@ class Pooled:
         self._plans: dict[str, Plan] = {}
         self._lock = threading.Lock()
         self._unroutable: set[Endpoint] = set()  # resolved endpoints no source can reach
-        _telemetry.watch_ports(self)
+        self._semconv = _telemetry.Semconv()  # read when the channel is built
+        _telemetry.watch(self)
 
     # -- discovery, shared by both shells -----------------------------------------------
 
@@ -227,6 +228,7 @@ class MultiCallableBase:
         "_registered",
         "_serializer",
         "_special",
+        "_telemetry",
     )
 
     def __init__(
@@ -252,6 +254,11 @@ class MultiCallableBase:
         # Whether a call needs more than one plain attempt from the start: hedged, or each
         # attempt under its own timeout. Plain calls test this one flag and go straight on.
         self._special = plan.hedging is not None or plan.attempt_timeout is not None
+        self._telemetry = (
+            _telemetry.MethodTelemetry(method, channel._pool.target, registered, channel._semconv)
+            if channel.config.telemetry
+            else None
+        )
 
     def _bind(self, slot: Slot) -> Any:
         """This method on `slot`'s grpc channel, made on first use and kept."""
@@ -270,7 +277,7 @@ def take_hedge_slot(multicallable: MultiCallableBase, state: Attempts, wait_for_
     pool = multicallable._pool
     if state.deadline is not None and state.deadline <= multicallable._clock():
         return None
-    if not pool.has_untried(state.tried) or not pool.spend(HEDGE):
+    if not pool.has_untried(state.tried) or not may_send_again(pool, state, HEDGE):
         return None
     try:
         slot = pool.begin_again(wait_for_ready, state.tried, fresh_only=True)
@@ -278,3 +285,13 @@ def take_hedge_slot(multicallable: MultiCallableBase, state: Attempts, wait_for_
         return None
     state.prepare_for_next_attempt()
     return slot
+
+
+def may_send_again(pool: PoolState, state: Attempts, kind: str) -> bool:
+    """Whether the retry budget lets the call go out again as `kind` (retries, requeues,
+    hedges); a refusal is an event of the call's span."""
+    if pool.spend(kind):
+        return True
+    if state.trace is not None:
+        state.trace.refused(kind)
+    return False

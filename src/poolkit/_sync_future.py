@@ -20,7 +20,8 @@ from ._errors import PoolUnavailableError
 from ._pool import REQUEUE, RETRY, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, resend, with_attempts
-from ._shell import take_hedge_slot
+from ._shell import may_send_again, take_hedge_slot
+from ._telemetry import Attempt, CallTrace, invoke
 
 if TYPE_CHECKING:
     from ._channel import _MultiCallable
@@ -65,11 +66,13 @@ class RetryingFuture(grpc.Call, _FutureBase):
         "_streaming_request",
         "_timeout",
         "_timer",
+        "_trace",
     )
 
     def __init__(
         self,
         multicallable: _MultiCallable,
+        trace: CallTrace | None,
         request: Any,
         timeout: float | None,
         metadata: Any,
@@ -79,6 +82,7 @@ class RetryingFuture(grpc.Call, _FutureBase):
         streaming_request: bool,
     ) -> None:
         self._multicallable = multicallable
+        self._trace = trace
         self._request = request
         self._streaming_request = streaming_request
         self._sample_latency = not streaming_request
@@ -88,7 +92,8 @@ class RetryingFuture(grpc.Call, _FutureBase):
         # lock, not a threading.Event (a Python-level Condition): this is the per-call path.
         self._gate = threading.Lock()
         self._gate.acquire()
-        self._running: dict[Any, tuple[Slot, float]] = {}  # attempts not yet ended: future → (slot, start)
+        # Attempts not yet ended: future → (slot, start, its telemetry)
+        self._running: dict[Any, tuple[Slot, float, Attempt | None]] = {}
         self._final: Any = None  # the attempt that speaks for the call once it is over
         self._cancelled = False
         self._timer: threading.Timer | None = None
@@ -96,34 +101,44 @@ class RetryingFuture(grpc.Call, _FutureBase):
         plan, clock = multicallable._plan, multicallable._clock
         self._started = now = clock()
         self._timeout = timeout  # the caller's, for the whole call
-        slot = multicallable._pool.begin(wait_for_ready)
+        try:
+            slot = multicallable._pool.begin(wait_for_ready)
+        except BaseException as error:
+            if trace is not None:
+                trace.give_up(error)
+            raise
         self._first_route = slot.route
         self._state: Attempts | None = None  # made on the first failure, or now if special
         hedge_after = None
         if multicallable._special:
             self._state = state = plan.first(now, timeout, slot.route)
+            state.trace = trace
             timeout = plan.first_timeout(state, now)
             hedge_after = plan.hedge_delay()
-        self._launch(slot, timeout, metadata)
+        self._launch(slot, timeout, metadata, hedge_after is not None)
         if hedge_after is not None:
             self._later(hedge_after, self._hedge)
 
     # -- attempts -------------------------------------------------------------------------
 
-    def _launch(self, slot: Slot, timeout: float | None, metadata: Any) -> None:
+    def _launch(self, slot: Slot, timeout: float | None, metadata: Any, hedged: bool = False) -> None:
         """Start an attempt on `slot` (already taken); `_attempt_done` releases the slot."""
         multicallable = self._multicallable
         _, credentials, wait_for_ready, compression = self._args
         bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+        trace = self._trace
+        attempt = trace.attempt(slot.route, hedged) if trace is not None else None
         started = multicallable._clock()
         request = resend(self._request, self._streaming_request)
         try:
-            call = bound.future(request, timeout, metadata, credentials, wait_for_ready, compression)
+            call = invoke(trace, bound.future, request, timeout, metadata, credentials, wait_for_ready, compression)
         except BaseException:
             multicallable._pool.end(slot, None, _UNKNOWN)
+            if attempt is not None:
+                attempt.done(_UNKNOWN, None)
             raise
         with self._lock:
-            self._running[call] = (slot, started)
+            self._running[call] = (slot, started, attempt)
             late = self._cancelled or self._final is not None
         if late:  # cancelled (or over) while this attempt was being started
             call.cancel()
@@ -134,8 +149,10 @@ class RetryingFuture(grpc.Call, _FutureBase):
         for a hedge, or go again."""
         code = call.code()
         with self._lock:
-            slot, started = self._running.pop(call)
+            slot, started, attempt = self._running.pop(call)
         self._multicallable._pool.end(slot, started if self._sample_latency else None, None if code is _OK else code)
+        if attempt is not None:
+            attempt.done(code, call.details())
         with self._lock:
             if self._final is not None:
                 return  # a hedge's loser, or the call is already over
@@ -164,8 +181,9 @@ class RetryingFuture(grpc.Call, _FutureBase):
         state = self._state
         if state is None:
             state = self._state = plan.first(self._started, self._timeout, self._first_route)
+            state.trace = self._trace
         delay = plan.decide(state, failed, clock())
-        if delay is None or not pool.spend(REQUEUE if delay == REQUEUE_NOW else RETRY):
+        if delay is None or not may_send_again(pool, state, REQUEUE if delay == REQUEUE_NOW else RETRY):
             self._finish(failed)
         elif delay > 0:
             self._later(delay, self._resend, failed, delay)
@@ -212,7 +230,7 @@ class RetryingFuture(grpc.Call, _FutureBase):
             return
         timeout = multicallable._plan.first_timeout(state, multicallable._clock())
         try:
-            self._launch(slot, timeout, with_attempts(metadata, 1))
+            self._launch(slot, timeout, with_attempts(metadata, 1), True)
         except Exception:  # noqa: BLE001 - the first attempt is still out: it answers the call
             _log.exception("poolkit: could not send a hedge")
 
@@ -235,6 +253,12 @@ class RetryingFuture(grpc.Call, _FutureBase):
             timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+        trace = self._trace
+        if trace is not None:
+            if outcome is _CANCELLED_BETWEEN:
+                trace.end(_CANCELLED, _CANCELLED_DETAILS)
+            else:
+                trace.end(outcome.code(), outcome.details())
         self._gate.release()
         for callback in callbacks:
             _run(callback)

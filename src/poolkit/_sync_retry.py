@@ -19,7 +19,8 @@ from ._errors import PoolUnavailableError
 from ._pool import REQUEUE, RETRY, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, replayable, resend, with_attempts
-from ._shell import take_hedge_slot
+from ._shell import may_send_again, take_hedge_slot
+from ._telemetry import CallTrace, invoke
 
 if TYPE_CHECKING:
     from ._channel import _MultiCallable
@@ -36,7 +37,7 @@ def next_slot(
     `error` when the plan, the budget, the deadline or the pool says no."""
     pool, plan, clock = multicallable._pool, multicallable._plan, multicallable._clock
     delay = plan.decide(state, error, clock())
-    if delay is None or not pool.spend(REQUEUE if delay == REQUEUE_NOW else RETRY):
+    if delay is None or not may_send_again(pool, state, REQUEUE if delay == REQUEUE_NOW else RETRY):
         raise error
     if delay > 0:
         time.sleep(delay)
@@ -80,6 +81,7 @@ def retry_blocking(
                 wait_for_ready,
                 compression,
                 not streaming_request,
+                state.trace,
             )
         except grpc.RpcError as failure:
             error = failure
@@ -96,21 +98,30 @@ def send_on(
     wait_for_ready: bool | None,
     compression: grpc.Compression | None,
     sample_latency: bool,
+    trace: CallTrace | None = None,
 ) -> Any:
-    """One blocking attempt on a slot already taken, its outcome reported to the pool."""
+    """One blocking attempt on a slot already taken, its outcome reported to the pool
+    (and to the call's telemetry)."""
     pool, clock = multicallable._pool, multicallable._clock
     bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
     send = getattr(bound, attribute) if attribute else bound
+    attempt = trace.attempt(slot.route) if trace is not None else None
     started = clock() if sample_latency else None
     try:
-        result = send(request, timeout, metadata, credentials, wait_for_ready, compression)
+        result = invoke(trace, send, request, timeout, metadata, credentials, wait_for_ready, compression)
     except grpc.RpcError as error:
         pool.end(slot, started, error.code())
+        if attempt is not None:
+            attempt.done(error.code(), error.details())
         raise
     except BaseException:
         pool.end(slot, None, _UNKNOWN)
+        if attempt is not None:
+            attempt.done(_UNKNOWN, None)
         raise
     pool.end(slot, started)
+    if attempt is not None:
+        attempt.done(_OK, None)
     return result
 
 
@@ -125,28 +136,58 @@ def start_on(
     credentials: grpc.CallCredentials | None,
     wait_for_ready: bool | None,
     compression: grpc.Compression | None,
+    trace: CallTrace | None = None,
 ) -> Any:
     """Start a call that returns at once (a future, a response stream) on `slot`, and
     release the slot from grpc's callback, which runs whichever way the call ends:
     response, error, deadline, cancel(), or the call object being dropped unfinished."""
     bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+    attempt = trace.attempt(slot.route) if trace is not None else None
     try:
         target = getattr(bound, attribute) if attribute else bound
-        call = target(request, timeout, metadata, credentials, wait_for_ready, compression)
+        call = invoke(trace, target, request, timeout, metadata, credentials, wait_for_ready, compression)
     except BaseException:
         multicallable._pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+        if attempt is not None:
+            attempt.done(_UNKNOWN, None)
         raise
+    if not isinstance(call, grpc.Call):
+        # A client interceptor on the slot's channel (opentelemetry-instrumentation-grpc's,
+        # for one) may hand back a bare iterator of responses: it ends when it is used up.
+        return _messages_of(call, multicallable, slot, attempt)
     # add_callback, not add_done_callback: grpc keeps done-callbacks bound to the call
     # object, which would keep an abandoned stream alive (and its slot busy) until the
     # server ends it; a plain callback with a weak reference lets grpc cancel it on collection.
-    end = functools.partial(multicallable._end_call, slot, started, weakref.ref(call))
+    end = functools.partial(multicallable._end_call, slot, started, weakref.ref(call), attempt)
     if not call.add_callback(end):
         end()  # already over
     return call
 
 
-def first_attempt_special(
+def _messages_of(messages: Any, multicallable: _MultiCallable, slot: Slot, attempt: Any) -> Any:
+    """A response stream that is only an iterator, its end reported to the pool when it
+    is used up, fails, or is dropped."""
+    code, details = _OK, None
+    try:
+        yield from messages
+    except grpc.RpcError as error:
+        code, details = error.code(), error.details()
+        raise
+    except GeneratorExit:
+        code = _CANCELLED
+        raise
+    except BaseException:
+        code = _UNKNOWN
+        raise
+    finally:
+        multicallable._pool.end(slot, None, None if code is _OK else code)
+        if attempt is not None:
+            attempt.done(code, details)
+
+
+def call_general(
     multicallable: _MultiCallable,
+    trace: CallTrace | None,
     attribute: str | None,
     request: Any,
     timeout: float | None,
@@ -154,43 +195,112 @@ def first_attempt_special(
     credentials: grpc.CallCredentials | None,
     wait_for_ready: bool | None,
     compression: grpc.Compression | None,
+    streaming_request: bool,
 ) -> Any:
-    """A unary call of a method that is hedged or has an attempt timeout."""
+    """A blocking call off the plain path: traced, hedged, or with an attempt timeout."""
+    if trace is None:
+        return _first_attempt(
+            multicallable,
+            None,
+            attribute,
+            request,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+            streaming_request,
+        )
+    try:
+        result = _first_attempt(
+            multicallable,
+            trace,
+            attribute,
+            request,
+            timeout,
+            trace.metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+            streaming_request,
+        )
+    except BaseException as error:
+        trace.give_up(error)
+        raise
+    trace.end(_OK, None)
+    return result
+
+
+def _first_attempt(
+    multicallable: _MultiCallable,
+    trace: CallTrace | None,
+    attribute: str | None,
+    request: Any,
+    timeout: float | None,
+    metadata: Any,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+    streaming_request: bool,
+) -> Any:
     plan, pool, clock = multicallable._plan, multicallable._pool, multicallable._clock
-    hedge_after = plan.hedge_delay()
+    hedge_after = None if streaming_request else plan.hedge_delay()
     if hedge_after is not None:
         return _hedged(
-            multicallable, hedge_after, attribute, request, timeout, metadata, credentials, wait_for_ready, compression
+            multicallable,
+            trace,
+            hedge_after,
+            attribute,
+            request,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
         )
     now = clock()
     state = plan.first(now, timeout, None)
+    state.trace = trace
     attempt_timeout = plan.first_timeout(state, now)
     slot = pool.begin(wait_for_ready)
     state.tried.add(slot.route)
+    # A request stream given as a list (or tuple) is sent from a fresh iterator each attempt.
+    sent = resend(request, True) if streaming_request and replayable(request, True) else request
     try:
         result = send_on(
             multicallable,
             slot,
             attribute,
-            request,
+            sent,
             attempt_timeout,
             metadata,
             credentials,
             wait_for_ready,
             compression,
-            True,
+            not streaming_request,
+            trace,
         )
     except grpc.RpcError as error:
         return retry_blocking(
-            multicallable, error, state, attribute, request, metadata, credentials, wait_for_ready, compression, False
+            multicallable,
+            error,
+            state,
+            attribute,
+            request,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+            streaming_request,
         )
-    if plan.latency is not None:
+    if not streaming_request and plan.latency is not None:
         plan.latency.add(clock() - now)
     return result
 
 
 def _hedged(
     multicallable: _MultiCallable,
+    trace: CallTrace | None,
     hedge_after: float,
     attribute: str | None,
     request: Any,
@@ -206,25 +316,13 @@ def _hedged(
     plan, pool, clock = multicallable._plan, multicallable._pool, multicallable._clock
     now = clock()
     state = plan.first(now, timeout, None)
+    state.trace = trace
     finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
     running: list[Any] = []
 
     def launch(slot: Slot, attempt_timeout: float | None, attempt_metadata: Any) -> None:
-        bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
-        started = clock()
-        try:
-            future = bound.future(request, attempt_timeout, attempt_metadata, credentials, wait_for_ready, compression)
-        except BaseException:
-            pool.end(slot, None, _UNKNOWN)
-            raise
-        running.append(future)
-
-        def done(future: Any) -> None:
-            code = future.code()
-            pool.end(slot, started, None if code is _OK else code)
-            finished.put((future, started))
-
-        future.add_done_callback(done)
+        args = (request, attempt_timeout, attempt_metadata, credentials, wait_for_ready, compression)
+        running.append(_hedge_attempt(multicallable, trace, slot, args, finished))
 
     slot = pool.begin(wait_for_ready)
     state.tried.add(slot.route)
@@ -258,6 +356,38 @@ def _hedged(
     )
 
 
+def _hedge_attempt(
+    multicallable: _MultiCallable,
+    trace: CallTrace | None,
+    slot: Slot,
+    args: tuple[Any, ...],
+    finished: queue.SimpleQueue[Any],
+) -> Any:
+    """Start one attempt of a hedged call as a future on `slot`; when it ends, release the
+    slot and put (future, start) on `finished`."""
+    pool, clock = multicallable._pool, multicallable._clock
+    bound = slot.callables.get(multicallable._id) or multicallable._bind(slot)
+    attempt = trace.attempt(slot.route, hedge=True) if trace is not None else None
+    started = clock()
+    try:
+        future = invoke(trace, bound.future, *args)
+    except BaseException:
+        pool.end(slot, None, _UNKNOWN)
+        if attempt is not None:
+            attempt.done(_UNKNOWN, None)
+        raise
+
+    def done(future: Any) -> None:
+        code = future.code()
+        pool.end(slot, started, None if code is _OK else code)
+        if attempt is not None:
+            attempt.done(code, future.details())
+        finished.put((future, started))
+
+    future.add_done_callback(done)
+    return future
+
+
 if TYPE_CHECKING:  # grpc-stubs makes Future generic; grpc itself does not
     _FutureBase = grpc.Future[Any]
 else:
@@ -271,12 +401,17 @@ class RetryingStream(grpc.Call, _FutureBase):
     Holds grpc's call object of the current attempt and passes everything else to it.
     """
 
-    __slots__ = ("_call", "_received", "_restart")
+    __slots__ = ("_call", "_received", "_restart", "_trace")
 
-    def __init__(self, call: Any, restart: Callable[[grpc.RpcError], Any]) -> None:
+    def __init__(self, call: Any, restart: Callable[[grpc.RpcError], Any], trace: CallTrace | None) -> None:
         self._call = call
         self._restart = restart  # given the failed attempt's error: the next attempt's call, or raises
         self._received = False
+        self._trace = trace
+
+    def __del__(self) -> None:
+        if self._trace is not None:
+            self._trace.no_more()  # dropped: its attempt's end (grpc cancels it) is the call's
 
     def __iter__(self) -> RetryingStream:
         return self
@@ -290,7 +425,10 @@ class RetryingStream(grpc.Call, _FutureBase):
                     raise
                 self._call = self._restart(error)
                 continue
-            self._received = True
+            if not self._received:
+                self._received = True
+                if self._trace is not None:
+                    self._trace.no_more()
             return message
 
     next = __next__

@@ -60,14 +60,14 @@ def split_target(target: str | Sequence[str]) -> list[Spec]:
     if not specs:
         raise ConfigError("target", target, "names no endpoint")
     for spec, _ in specs:
-        _split_host_port(spec, target)
+        split_host_port(spec, target)
     return specs
 
 
 def names_a_host(specs: Sequence[Spec]) -> bool:
     """Whether any address is a host name, whose IP addresses may change over time."""
     for spec, may_resolve in specs:
-        host = _split_host_port(spec, spec)[0]
+        host = split_host_port(spec, spec)[0]
         if may_resolve and not _is_ip(host):
             return True
     return False
@@ -114,7 +114,7 @@ def _split_target(target: str) -> list[tuple[str, bool]]:
 
 
 def _endpoints_of(spec: str, may_resolve: bool, target: object) -> list[Endpoint]:
-    host, port = _split_host_port(spec, target)
+    host, port = split_host_port(spec, target)
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         literal = ipaddress.ip_address(host)
@@ -127,7 +127,7 @@ def _endpoints_of(spec: str, may_resolve: bool, target: object) -> list[Endpoint
     return [Endpoint(ip, port, authority) for ip in _resolve(host, port, target)]
 
 
-def _split_host_port(spec: str, target: object) -> tuple[str, int]:
+def split_host_port(spec: str, target: object) -> tuple[str, int]:
     spec = spec.strip()
     if not spec:
         raise ConfigError("target", target, "has an empty address")
