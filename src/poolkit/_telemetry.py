@@ -157,7 +157,6 @@ class _Meters:
     """The per-call instruments of one meter provider (and its pool instruments)."""
 
     def __init__(self, provider: Any) -> None:
-        self.provider = provider
         meter = provider.get_meter("poolkit", __version__)
         self.attempt_started = meter.create_counter(
             "grpc.client.attempt.started", unit="{attempt}", description="Attempts started, retries and hedges included"
@@ -195,6 +194,8 @@ class _Following:
     def __init__(self) -> None:
         self.current = _Instruments(None, None, None, None)
         self._lock = threading.Lock()
+        # A provider's instruments are made once: made again, they would be registered twice.
+        self._meters: weakref.WeakKeyDictionary[Any, _Meters] = weakref.WeakKeyDictionary()
 
     def get(self) -> _Instruments:
         current = self.current
@@ -210,8 +211,12 @@ class _Following:
             tracer, meters = current.tracer, current.meters
             if tracer_provider is not current.tracer_provider:
                 tracer = tracer_provider.get_tracer("poolkit", __version__) if tracer_provider is not None else None
-            if meter_provider is not current.meter_provider:
-                meters = _Meters(meter_provider) if meter_provider is not None else None
+            if meter_provider is None:
+                meters = None
+            elif meter_provider is not current.meter_provider:
+                meters = self._meters.get(meter_provider)
+                if meters is None:
+                    meters = self._meters[meter_provider] = _Meters(meter_provider)
             self.current = _Instruments(tracer_provider, tracer, meter_provider, meters)
             return self.current
 
@@ -341,6 +346,7 @@ class CallTrace:
             attempt = Attempt(self, len(self.attempts) + 1, route, time.time_ns() if traced else None)
             self.attempts.append(attempt)
             self.last = attempt
+            self.pending = None  # the call goes on: an earlier attempt's failure is not its end
             if traced and not self.ended and (self.split or hedge or attempt.number > 1):
                 self.split = True
                 for each in self.attempts:
@@ -516,7 +522,7 @@ class _Channels:
         open_channels = self.open()
         with self._lock:
             now = time.monotonic()
-            if now - self._read_at >= _BUDGET_REUSE:
+            if now - self._read_at >= _BUDGET_REUSE or len(open_channels) != len(self._budgets):
                 self._budgets = [(canonical_target(c._pool.target), c.port_budget()) for c in open_channels]
                 self._read_at = now
             return self._budgets
