@@ -1,11 +1,12 @@
 """poolkit's benchmark: unary echo over loopback, poolkit against plain grpcio.
 
     python benchmarks/bench.py [--quick] [--json out.json] [--rounds N] [--calls N]
-                               [--only {sync,aio,slow,hedge,future}[,...]]
+                               [--only {sync,aio,slow,hedge,future,telemetry}[,...]]
 
-Five parts, each of which can be run alone with --only (repeatable, or a comma list):
+Six parts, each of which can be run alone with --only (repeatable, or a comma list):
 "sync" (threads), "aio" (asyncio tasks), "slow" (the slow-endpoint case), "hedge"
-(hedged requests against one sometimes-slow server) and "future" (`future().result()`).
+(hedged requests against one sometimes-slow server), "future" (`future().result()`)
+and "telemetry" (OpenTelemetry off, on with no provider, on with the SDK).
 
 The echo servers run in a child process (`poolkit.testing.spawn_echo_servers`), so the
 client's CPU time (`time.process_time()`, every thread of this process, grpc's own
@@ -53,6 +54,22 @@ The future part (64 B): the same call made as `stub.Unary.future(request).result
                            its future is poolkit's retrying future
   poolkit-1ep-noretry-future  the same with retry=None: grpc's own future on a pool slot
 
+The telemetry part (64 B, one server), with threads and, as in the "aio" part, with
+tasks on one event loop per group:
+  poolkit-1ep-notel        PoolConfig(telemetry=False) (the baseline of these rows)
+  poolkit-1ep-noop         telemetry on, no OpenTelemetry provider installed (the API's
+                           no-op, checked before and after each measurement): held to
+                           client CPU per call within 1.02x of notel
+  poolkit-1ep-sdk          telemetry on, the SDK installed for this case's measurements
+                           only, in its simplest synchronous pipeline: a TracerProvider with
+                           SimpleSpanProcessor(InMemorySpanExporter()) and a MeterProvider
+                           with an InMemoryMetricReader. Each measurement must have exported
+                           spans and recorded calls in grpc.client.call.duration; its extra
+                           client CPU per call is reported in microseconds (sdk - notel)
+  grpc-1ch                 one grpc channel, for context
+  poolkit-aio-1ep-notel, poolkit-aio-1ep-noop, poolkit-aio-1ep-sdk, grpc-aio-1ch: the same
+                           with poolkit.aio and grpc.aio
+
 The slow-endpoint case: four servers, one answering 20 ms late; poolkit's P2C peak EWMA
 against grpc's own round_robin policy over the same addresses. It reports latency and
 the share of calls the slow server received (from the servers' own counts).
@@ -68,6 +85,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -78,11 +96,17 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Self
 
 import grpc
 import grpc.aio
+import opentelemetry.metrics._internal as otel_metrics_state
+import opentelemetry.trace as otel_trace_state
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace as otel_trace
+from opentelemetry.util._once import Once
 
 import poolkit
 import poolkit.aio
@@ -90,6 +114,8 @@ from poolkit import testing
 
 CallFn = Callable[..., Any]
 AioCallFn = Callable[..., Awaitable[Any]]
+# What a case needs around its warm-up and each of its measurements (outside the clocks).
+Around = Callable[[], contextlib.AbstractContextManager[Any]]
 
 # Every call carries a deadline, so a stuck server cannot stall the benchmark.
 CALL_TIMEOUT = 10.0
@@ -104,7 +130,7 @@ SLOW_DELAY = 0.020
 SERVER_WORKERS = 64
 BASELINE = "grpc-1ch"
 AIO_BASELINE = "grpc-aio-1ch"
-PARTS = ("sync", "aio", "slow", "hedge", "future")
+PARTS = ("sync", "aio", "slow", "hedge", "future", "telemetry")
 # The hedging case: one server of four answers this late on this share of its calls.
 HEDGE_DELAY = 0.050
 HEDGE_SHARE = 0.1
@@ -118,6 +144,16 @@ FUTURE_BASELINE = "grpc-1ch-future"
 FUTURE = "poolkit-1ep-future"
 FUTURE_NO_RETRY = "poolkit-1ep-noretry-future"
 NO_RETRY_CONFIG = poolkit.PoolConfig(retry=None)
+# The telemetry part. The issue's requirement: with no provider installed, telemetry costs
+# at most 2 % of client CPU per call over telemetry switched off.
+NOTEL = "poolkit-1ep-notel"
+NOOP = "poolkit-1ep-noop"
+SDK = "poolkit-1ep-sdk"
+AIO_NOTEL = "poolkit-aio-1ep-notel"
+AIO_NOOP = "poolkit-aio-1ep-noop"
+AIO_SDK = "poolkit-aio-1ep-sdk"
+NO_TELEMETRY_CONFIG = poolkit.PoolConfig(telemetry=False)
+NOOP_TARGET = 1.02
 # Source binding: the same four servers from one or four local source addresses.
 ONE_SOURCE = "poolkit-4ep-1src"
 FOUR_SOURCES = "poolkit-4ep-4src"
@@ -381,13 +417,22 @@ def _sample(run: Run, stats: Sequence[testing.StatsResponse]) -> Sample:
 
 
 class Case:
-    """A named way of making a unary echo call, built once and reused for every round."""
+    """A named way of making a unary echo call, built once and reused for every round;
+    `around` is entered for its warm-up and for each of its measurements."""
 
-    def __init__(self, name: str, call: CallFn, calls: int, closer: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        call: CallFn,
+        calls: int,
+        closer: Callable[[], None] | None = None,
+        around: Around = contextlib.nullcontext,
+    ) -> None:
         self.name = name
         self.call = call
         self.calls = calls
         self._closer = closer
+        self.around = around
 
     def close(self) -> None:
         if self._closer is not None:
@@ -427,10 +472,16 @@ def grpc_fresh_channel(address: str, calls: int) -> Case:
     return Case("grpc-fresh", call, calls)
 
 
-def poolkit_channel(name: str, target: str, calls: int, config: poolkit.PoolConfig | None = None) -> Case:
+def poolkit_channel(
+    name: str,
+    target: str,
+    calls: int,
+    config: poolkit.PoolConfig | None = None,
+    around: Around = contextlib.nullcontext,
+) -> Case:
     channel = poolkit.insecure_channel(target, config=config)
     stub = testing.EchoStub(channel)
-    return Case(name, stub.Unary, calls, channel.close)
+    return Case(name, stub.Unary, calls, channel.close, around)
 
 
 def grpc_round_robin(name: str, target: str, calls: int) -> Case:
@@ -444,11 +495,13 @@ def grpc_round_robin(name: str, target: str, calls: int) -> Case:
 
 @dataclasses.dataclass
 class AioCase:
-    """An asyncio case: a channel opened on the group's event loop, and its stub's method."""
+    """An asyncio case: a channel opened on the group's event loop, and its stub's method;
+    `around` is entered for its warm-up and for each of its measurements."""
 
     name: str
     channel: grpc.aio.Channel
     calls: int
+    around: Around = contextlib.nullcontext
     call: AioCallFn = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -475,6 +528,138 @@ def aio_cases(servers: testing.SpawnedEchoServers, calls: int) -> list[AioCase]:
     return [AioCase(name, channel, calls) for name, channel in channels]
 
 
+def telemetry_aio_cases(servers: testing.SpawnedEchoServers, calls: int, sdk: SdkTelemetry) -> list[AioCase]:
+    """The telemetry part's asyncio cases, opened on the running loop, all on the one server."""
+    target = f"ipv4:{servers.addresses[0]}"
+    return [
+        AioCase(AIO_BASELINE, grpc.aio.insecure_channel(target), calls),
+        AioCase(AIO_NOTEL, poolkit.aio.insecure_channel(target, config=NO_TELEMETRY_CONFIG), calls),
+        AioCase(AIO_NOOP, poolkit.aio.insecure_channel(target), calls, around=no_provider),
+        AioCase(AIO_SDK, poolkit.aio.insecure_channel(target), calls, around=sdk.installed),
+    ]
+
+
+# -- OpenTelemetry, for the telemetry part -------------------------------------------------
+
+
+def no_provider_installed() -> bool:
+    """Whether poolkit's telemetry is on its no-op path: no tracer or meter provider is
+    installed and the current context carries nothing to propagate."""
+    return (
+        otel_trace_state._TRACER_PROVIDER is None
+        and otel_metrics_state._METER_PROVIDER is None
+        and not otel_context.get_current()
+    )
+
+
+@contextlib.contextmanager
+def no_provider() -> Iterator[None]:
+    """Around the no-op case: measured with no provider installed, or not at all. Nothing
+    but this script runs between the two checks, and it installs none."""
+    if not no_provider_installed():
+        raise RuntimeError("an OpenTelemetry provider is installed before a no-op measurement")
+    yield
+    if not no_provider_installed():
+        raise RuntimeError("an OpenTelemetry provider was installed during a no-op measurement")
+
+
+def uninstall_providers() -> None:
+    """Back to a process where no provider was ever set, as opentelemetry-python's own test
+    utilities do it (the API lets a process set its providers once). The proxies are new
+    too: the old ones forward to the provider that was set."""
+    otel_trace_state._TRACER_PROVIDER_SET_ONCE = Once()
+    otel_trace_state._TRACER_PROVIDER = None
+    otel_trace_state._PROXY_TRACER_PROVIDER = otel_trace_state.ProxyTracerProvider()
+    otel_metrics_state._METER_PROVIDER_SET_ONCE = Once()
+    otel_metrics_state._METER_PROVIDER = None
+    otel_metrics_state._PROXY_METER_PROVIDER = otel_metrics_state._ProxyMeterProvider()
+
+
+class SdkTelemetry:
+    """OpenTelemetry's SDK in its simplest synchronous pipeline: each span exported in the
+    calling thread as it ends (SimpleSpanProcessor into an InMemorySpanExporter; no batching
+    thread doing the work outside the client's measured path), metrics read on demand (an
+    InMemoryMetricReader).
+
+    `installed` makes it the process's providers for one warm-up or measurement and takes
+    it out afterwards, so every other case runs with none. It counts what each one
+    recorded, outside the clocks, and fails one that recorded nothing."""
+
+    CALL_METRIC = "grpc.client.call.duration"
+
+    def __init__(self) -> None:
+        # The SDK is a development dependency, not poolkit's: only this part needs it.
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        self.exporter = InMemorySpanExporter()
+        # Shut down by `close`, not at exit: by then they are long out of the globals.
+        self.tracer_provider = TracerProvider(shutdown_on_exit=False)
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader], shutdown_on_exit=False)
+        self._calls_so_far = 0
+        # Per installation, in order: (spans exported, calls recorded in CALL_METRIC).
+        self.recorded: list[tuple[int, int]] = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if not no_provider_installed():
+            raise RuntimeError("an OpenTelemetry provider is installed already, or the context carries one")
+        otel_trace.set_tracer_provider(self.tracer_provider)
+        otel_metrics.set_meter_provider(self.meter_provider)
+        try:
+            yield
+        finally:
+            uninstall_providers()
+            spans = len(self.exporter.get_finished_spans())
+            # Cleared after every measurement, so memory stays bounded however many rounds run.
+            self.exporter.clear()
+        total = self._calls_in_metric()  # cumulative: this installation's share is the change
+        calls, self._calls_so_far = total - self._calls_so_far, total
+        self.recorded.append((spans, calls))
+        if spans <= 0 or calls <= 0:
+            raise RuntimeError(
+                f"with the SDK installed poolkit exported {spans} spans and recorded {calls} calls in"
+                f" {self.CALL_METRIC}: the sdk case would measure nothing"
+            )
+
+    def _calls_in_metric(self) -> int:
+        data = self.reader.get_metrics_data()
+        if data is None:
+            return 0
+        return sum(
+            point.count
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == self.CALL_METRIC
+            for point in metric.data.data_points
+        )
+
+    def per_call(self, samples: Sequence[Sample]) -> dict[str, float]:
+        """What the last len(`samples`) installations (these measurements) recorded per call made."""
+        made = sum(sample.calls for sample in samples)
+        recorded = self.recorded[-len(samples) :] if samples else []
+        return {
+            "spans_per_call": _ratio(sum(spans for spans, _ in recorded), made),
+            "metric_calls_per_call": _ratio(sum(calls for _, calls in recorded), made),
+        }
+
+    def close(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 # -- rounds and summaries ----------------------------------------------------------------
 
 METRICS = ("rps", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "cpu_us_per_call", "conns")
@@ -494,13 +679,15 @@ def run_rounds(
     order shuffled per round (seeded, so runs are alike) so that no case always follows
     the same neighbour, whose after-effects (closing sockets, say) it would inherit."""
     for case in cases:
-        run_calls(case.call, request, min(warmup_calls, case.calls), concurrency, limit)
+        with case.around():
+            run_calls(case.call, request, min(warmup_calls, case.calls), concurrency, limit)
     order = random.Random(f"{progress}")
     samples: dict[str, list[Sample]] = {case.name: [] for case in cases}
     for index in range(rounds):
         print(f"  {progress}: round {index + 1}/{rounds}", file=sys.stderr, flush=True)
         for case in order.sample(list(cases), len(cases)):
-            samples[case.name].append(measure(servers, case.call, request, case.calls, concurrency, limit))
+            with case.around():
+                samples[case.name].append(measure(servers, case.call, request, case.calls, concurrency, limit))
     return samples
 
 
@@ -510,25 +697,29 @@ async def run_rounds_aio(
     concurrency: int,
     payload: int,
     progress: str,
+    open_cases: Callable[[testing.SpawnedEchoServers, int], list[AioCase]] = aio_cases,
 ) -> dict[str, list[Sample]]:
-    """One asyncio group, start to end on the running loop: open every case's channel,
-    warm each up, run the rounds as `run_rounds` does, close the channels."""
+    """One asyncio group, start to end on the running loop: open every case's channel
+    (`open_cases`), warm each up, run the rounds as `run_rounds` does, close the channels."""
     calls = settings.aio_calls(concurrency)
     request = testing.EchoRequest(payload=os.urandom(payload))
     limit = settings.measurement_limit
-    cases = aio_cases(servers, calls)
+    cases = open_cases(servers, calls)
     try:
         # At least one call per task: the burst of `concurrency` calls at once has grown
         # the servers' handler threads and grpc's own buffers before anything is measured.
         warmup = max(min(settings.warmup_calls, calls), concurrency)
         for case in cases:
-            await run_calls_aio(case.call, request, warmup, concurrency, limit)
+            with case.around():
+                await run_calls_aio(case.call, request, warmup, concurrency, limit)
         order = random.Random(f"{progress}")
         samples: dict[str, list[Sample]] = {case.name: [] for case in cases}
         for index in range(settings.rounds):
             print(f"  {progress}: round {index + 1}/{settings.rounds}", file=sys.stderr, flush=True)
             for case in order.sample(cases, len(cases)):
-                samples[case.name].append(await measure_aio(servers, case.call, request, calls, concurrency, limit))
+                with case.around():
+                    sample = await measure_aio(servers, case.call, request, calls, concurrency, limit)
+                samples[case.name].append(sample)
         return samples
     finally:
         for case in cases:
@@ -643,6 +834,68 @@ def bench_future(settings: Settings) -> list[dict[str, Any]]:
                 progress,
             )
             groups.append({"concurrency": concurrency, "payload": 64, "cases": summarise(samples, FUTURE_BASELINE)})
+    return groups
+
+
+def bench_telemetry(settings: Settings) -> list[dict[str, Any]]:
+    """Telemetry at 64 B on one server, threads: off, on with no provider, on with the SDK."""
+    groups: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        servers = stack.enter_context(testing.spawn_echo_servers(1, max_workers=SERVER_WORKERS))
+        (address,) = servers.addresses
+        target = f"ipv4:{address}"
+        # One pair of providers for the part, made once and kept across rounds as the channels are.
+        sdk = stack.enter_context(SdkTelemetry())
+        cases = [
+            stack.enter_context(grpc_single_channel(address, settings.calls)),
+            stack.enter_context(poolkit_channel(NOTEL, target, settings.calls, NO_TELEMETRY_CONFIG)),
+            stack.enter_context(poolkit_channel(NOOP, target, settings.calls, around=no_provider)),
+            stack.enter_context(poolkit_channel(SDK, target, settings.calls, around=sdk.installed)),
+        ]
+        request = testing.EchoRequest(payload=os.urandom(64))
+        for concurrency in settings.concurrencies:
+            samples = run_rounds(
+                servers,
+                cases,
+                request,
+                concurrency,
+                settings.rounds,
+                settings.warmup_calls,
+                settings.measurement_limit,
+                f"telemetry, concurrency {concurrency}, 64 B",
+            )
+            groups.append(
+                {
+                    "concurrency": concurrency,
+                    "payload": 64,
+                    "cases": summarise(samples, NOTEL),
+                    "sdk_recorded": sdk.per_call(samples[SDK]),
+                }
+            )
+    return groups
+
+
+def bench_telemetry_aio(settings: Settings) -> list[dict[str, Any]]:
+    """The telemetry part with poolkit.aio and grpc.aio, each group on one event loop."""
+    groups: list[dict[str, Any]] = []
+    with testing.spawn_echo_servers(1, max_workers=SERVER_WORKERS) as servers:
+        for concurrency in settings.concurrencies:
+            progress = f"telemetry aio, concurrency {concurrency}, 64 B"
+            # A pair of providers per group, as its channels are. Opening a channel while
+            # none is installed has poolkit drop the instruments it made; made again on the
+            # same MeterProvider, they would be registered there twice.
+            with SdkTelemetry() as sdk:
+                open_cases = functools.partial(telemetry_aio_cases, sdk=sdk)
+                samples = asyncio.run(run_rounds_aio(servers, settings, concurrency, 64, progress, open_cases))
+                recorded = sdk.per_call(samples[AIO_SDK])
+            groups.append(
+                {
+                    "concurrency": concurrency,
+                    "payload": 64,
+                    "cases": summarise(samples, AIO_NOTEL),
+                    "sdk_recorded": recorded,
+                }
+            )
     return groups
 
 
@@ -838,9 +1091,13 @@ def acceptance(
     slow: Sequence[dict[str, Any]],
     aio: Sequence[dict[str, Any]] = (),
     futures: Sequence[dict[str, Any]] = (),
+    telemetry: Sequence[dict[str, Any]] = (),
+    telemetry_aio: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The figures the design holds poolkit to: client CPU per call within 5 % of plain
-    grpcio at 64 B, and a much better tail than round_robin when one endpoint is slow.
+    grpcio at 64 B, and a much better tail than round_robin when one endpoint is slow;
+    telemetry with no provider installed within 2 % of telemetry off, and the SDK's extra
+    CPU per call, reported.
 
     Four endpoints also cost plain grpc more than one (four connections, four servers
     sharing one process), so poolkit-4ep is also set against grpc-rr-4ep: that ratio is
@@ -872,6 +1129,19 @@ def acceptance(
     if futures:
         figures["future_cpu_ratio_64B"] = _pair_figures(futures, FUTURE, FUTURE_BASELINE)
         figures["future_retry_cpu_ratio_64B"] = _pair_figures(futures, FUTURE, FUTURE_NO_RETRY)
+    if telemetry or telemetry_aio:
+        figures["telemetry_noop_cpu_target"] = NOOP_TARGET
+        ratios = {
+            **_telemetry_ratios(telemetry, (NOOP, SDK)),
+            **_telemetry_ratios(telemetry_aio, (AIO_NOOP, AIO_SDK)),
+        }
+        figures["telemetry_cpu_ratio_64B"] = ratios
+        noop = [value["ratio"] for key, value in ratios.items() if key.startswith((f"{NOOP} ", f"{AIO_NOOP} "))]
+        figures["telemetry_noop_within_target"] = all(v <= NOOP_TARGET for v in noop)
+        figures["telemetry_sdk_extra_us_per_call"] = {
+            **_sdk_extra(telemetry, SDK, NOTEL),
+            **_sdk_extra(telemetry_aio, AIO_SDK, AIO_NOTEL),
+        }
     if slow:
         figures["slow_endpoint_p99_ratio_vs_round_robin"] = {
             f"c={result['concurrency']}": result["cases"]["poolkit-p2c_peak_ewma"]["ratios"]["p99_ms"]
@@ -895,6 +1165,38 @@ def _pair_figures(groups: Sequence[dict[str, Any]], name: str, other: str) -> di
         figures[f"{name} c={group['concurrency']}"] = {
             "ratio": _ratio(a["cpu_us_per_call"], b["cpu_us_per_call"]),
             "paired_median": statistics.median(per_round),
+        }
+    return figures
+
+
+def _telemetry_ratios(groups: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Of the telemetry groups (summarised against their notel case): each case's client CPU
+    per call against notel, the ratio of medians and the per-round ratios' median and quartiles."""
+    figures: dict[str, dict[str, float]] = {}
+    for group in groups:
+        for name in names:
+            case = group["cases"][name]
+            paired = case["paired_ratios"]["cpu_us_per_call"]
+            figures[f"{name} c={group['concurrency']}"] = {
+                "ratio": case["ratios"]["cpu_us_per_call"],
+                "paired_median": paired["median"],
+                "paired_q1": paired["q1"],
+                "paired_q3": paired["q3"],
+            }
+    return figures
+
+
+def _sdk_extra(groups: Sequence[dict[str, Any]], sdk: str, notel: str) -> dict[str, dict[str, float]]:
+    """The SDK's extra client CPU per call in microseconds: sdk minus notel medians, and
+    the median of the per-round differences; with what the SDK recorded per call."""
+    figures: dict[str, dict[str, float]] = {}
+    for group in groups:
+        a, b = group["cases"][sdk], group["cases"][notel]
+        per_round = [x["cpu_us_per_call"] - y["cpu_us_per_call"] for x, y in zip(a["rounds"], b["rounds"], strict=True)]
+        figures[f"{sdk} c={group['concurrency']}"] = {
+            "extra_us": a["cpu_us_per_call"] - b["cpu_us_per_call"],
+            "paired_median": statistics.median(per_round),
+            **group["sdk_recorded"],
         }
     return figures
 
@@ -966,6 +1268,30 @@ def acceptance_text(figures: dict[str, Any]) -> str:
         if figures.get(key):
             lines.append(f"Client CPU per call with retries on (the default) / {label}, 64 B:")
             lines.extend(_vs_rr_lines(figures[key]))
+    if "telemetry_cpu_ratio_64B" in figures:
+        lines.append(
+            f"Client CPU per call, telemetry on / {NOTEL} (or {AIO_NOTEL}), 64 B (no-op target <= {NOOP_TARGET:.2f});"
+            " ratio of medians, then median (IQR) of per-round ratios:"
+        )
+        for key, value in figures["telemetry_cpu_ratio_64B"].items():
+            if key.startswith((f"{NOOP} ", f"{AIO_NOOP} ")):
+                verdict = "ok" if value["ratio"] <= NOOP_TARGET else "ABOVE TARGET"
+            else:
+                verdict = "(reported, not held to the target)"
+            lines.append(
+                f"  {key:<27} {value['ratio']:6.3f}  {value['paired_median']:6.3f}"
+                f" ({value['paired_q1']:.3f}-{value['paired_q3']:.3f})  {verdict}"
+            )
+        lines.append(
+            "The SDK's extra client CPU per call (SimpleSpanProcessor into InMemorySpanExporter, InMemoryMetricReader):"
+            " sdk - notel medians, then median of per-round differences; what it recorded per call:"
+        )
+        lines.extend(
+            f"  {key:<27} {value['extra_us']:+7.1f} us  {value['paired_median']:+7.1f} us"
+            f"  ({value['spans_per_call']:.2f} spans, {value['metric_calls_per_call']:.2f} calls in"
+            f" {SdkTelemetry.CALL_METRIC})"
+            for key, value in figures["telemetry_sdk_extra_us_per_call"].items()
+        )
     if "slow_endpoint_p99_ratio_vs_round_robin" in figures:
         lines.append("Slow endpoint p99, poolkit p2c_peak_ewma / grpc round_robin:")
         lines.extend(
@@ -1027,8 +1353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     slow = bench_slow_endpoint(settings) if "slow" in settings.parts else []
     hedging = bench_hedging(settings) if "hedge" in settings.parts else []
     futures = bench_future(settings) if "future" in settings.parts else []
+    telemetry = bench_telemetry(settings) if "telemetry" in settings.parts else []
     aio = bench_aio(settings) if "aio" in settings.parts else []
-    figures = acceptance(groups, slow, aio, futures)
+    telemetry_aio = bench_telemetry_aio(settings) if "telemetry" in settings.parts else []
+    figures = acceptance(groups, slow, aio, futures, telemetry, telemetry_aio)
     env["loadavg_end"] = list(os.getloadavg())
     env["duration_s"] = round(time.perf_counter() - started, 1)
 
@@ -1053,6 +1381,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Futures: medians of {settings.rounds} interleaved rounds; x = ratio to {FUTURE_BASELINE}")
         print()
         print(overhead_table(futures))
+    if telemetry:
+        print(f"Telemetry, threads, one server: medians of {settings.rounds} interleaved rounds; x = ratio to {NOTEL}")
+        print()
+        print(overhead_table(telemetry))
+    if telemetry_aio:
+        print(
+            f"Telemetry, asyncio, one server: tasks on one event loop per group; medians of {settings.rounds}"
+            f" interleaved rounds; x = ratio to {AIO_NOTEL}"
+        )
+        print()
+        print(overhead_table(telemetry_aio))
     if slow:
         print(f"Slow endpoint: 4 servers, one {SLOW_DELAY * 1000:.0f} ms slower;", end=" ")
         print(f"medians of {settings.slow_rounds} rounds; x = ratio to grpc-round_robin;")
@@ -1079,6 +1418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "slow_endpoint": slow,
             "hedging": hedging,
             "future": futures,
+            "telemetry": telemetry,
+            "telemetry_aio": telemetry_aio,
             "acceptance": figures,
         }
         with open(args.json, "w", encoding="utf-8") as out:

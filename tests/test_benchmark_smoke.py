@@ -21,6 +21,8 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 METRICS = {"rps", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "cpu_us_per_call", "conns"}
 AIO_CASES = {"grpc-aio-1ch", "poolkit-aio-1ep", "poolkit-aio-1ep-noretry", "poolkit-aio-4ep", "grpc-aio-rr-4ep"}
+TELEMETRY_CASES = {"grpc-1ch", "poolkit-1ep-notel", "poolkit-1ep-noop", "poolkit-1ep-sdk"}
+TELEMETRY_AIO_CASES = {"grpc-aio-1ch", "poolkit-aio-1ep-notel", "poolkit-aio-1ep-noop", "poolkit-aio-1ep-sdk"}
 
 
 def _bench_module() -> ModuleType:
@@ -61,8 +63,9 @@ def _settings_for(argv: list[str]) -> Any:
 @pytest.mark.parametrize(
     ("argv", "parts"),
     [
-        ([], ("sync", "aio", "slow", "hedge", "future")),
+        ([], ("sync", "aio", "slow", "hedge", "future", "telemetry")),
         (["--only", "hedge"], ("hedge",)),
+        (["--only", "telemetry"], ("telemetry",)),
         (["--only", "aio"], ("aio",)),
         (["--only", "slow,sync"], ("sync", "slow")),
         (["--only", "aio", "--only", "sync"], ("sync", "aio")),
@@ -86,6 +89,22 @@ def test_asyncio_measurements_make_several_calls_per_task() -> None:
     assert quick.aio_calls(256) == 2 * 256
     # --calls is taken as given, at every concurrency.
     assert _settings_for(["--quick", "--calls", "50"]).aio_calls(256) == 50
+
+
+def test_no_op_case_refuses_to_be_measured_with_a_provider_installed() -> None:
+    bench = _bench_module()
+    with bench.SdkTelemetry() as sdk:
+        with pytest.raises(RuntimeError, match="before a no-op measurement"), sdk.installed(), bench.no_provider():
+            pass
+        assert bench.no_provider_installed()
+
+
+def test_sdk_case_fails_a_measurement_that_recorded_nothing() -> None:
+    bench = _bench_module()
+    with bench.SdkTelemetry() as sdk:
+        with pytest.raises(RuntimeError, match="would measure nothing"), sdk.installed():
+            pass
+        assert bench.no_provider_installed()
 
 
 def _check_case(case: dict[str, object]) -> None:
@@ -118,17 +137,27 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
     assert "Client CPU per call, poolkit.aio / grpc.aio" in done.stdout
 
     result = json.loads(out.read_text())
-    assert {"environment", "settings", "overhead", "aio", "slow_endpoint", "hedging", "future", "acceptance"} <= (
-        result.keys()
-    )
+    assert {
+        "environment",
+        "settings",
+        "overhead",
+        "aio",
+        "slow_endpoint",
+        "hedging",
+        "future",
+        "telemetry",
+        "telemetry_aio",
+        "acceptance",
+    } <= result.keys()
     env = result["environment"]
     for key in ("python", "grpcio", "poolkit", "cpu_count", "date"):
         assert env[key]
     assert result["settings"]["quick"] is True
-    assert result["settings"]["parts"] == ["sync", "aio", "slow", "hedge", "future"]
+    assert result["settings"]["parts"] == ["sync", "aio", "slow", "hedge", "future", "telemetry"]
     assert "retry_cpu_ratio_64B" in result["acceptance"]
     assert "aio_retry_cpu_ratio_64B" in result["acceptance"]
     assert "future_retry_cpu_ratio_64B" in result["acceptance"]
+    assert "telemetry_sdk_extra_us_per_call" in result["acceptance"]
     assert set(result["acceptance"]["source_cpu_ratio_64B"]) == {
         f"poolkit-4ep-{n}src c={c}" for n in (1, 4) for c in (1, 32)
     }
@@ -205,3 +234,57 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
     assert figures["aio_cpu_ratio_64B_paired_median"].keys() == figures["aio_cpu_ratio_64B"].keys()
     assert set(figures["aio_cpu_ratio_64B_4ep_vs_grpc_aio_rr_4ep"]) == {"poolkit-aio-4ep c=1", "poolkit-aio-4ep c=256"}
     assert isinstance(figures["aio_cpu_within_target"], bool)
+
+
+@pytest.mark.slow
+def test_telemetry_part_reports_against_telemetry_off(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--only", "telemetry", "--calls", "20", "--rounds", "2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in TELEMETRY_CASES | TELEMETRY_AIO_CASES:
+        assert f" {name} " in done.stdout
+    assert "Client CPU per call, telemetry on / poolkit-1ep-notel" in done.stdout
+    assert "The SDK's extra client CPU per call" in done.stdout
+
+    result = json.loads(out.read_text())
+    assert result["settings"]["parts"] == ["telemetry"]
+    assert not result["overhead"]
+    assert not result["aio"]
+    for groups, names, baseline in (
+        (result["telemetry"], TELEMETRY_CASES, "poolkit-1ep-notel"),
+        (result["telemetry_aio"], TELEMETRY_AIO_CASES, "poolkit-aio-1ep-notel"),
+    ):
+        assert [(group["concurrency"], group["payload"]) for group in groups] == [(1, 64), (32, 64)]
+        for group in groups:
+            cases = group["cases"]
+            assert cases.keys() == names
+            for case in cases.values():
+                _check_case(case)
+                assert case["conns"] == 1
+                assert len(case["rounds"]) == 2
+            assert cases[baseline]["ratios"]["cpu_us_per_call"] == 1.0
+            # Every call of the sdk case made its span and its call.duration point.
+            assert group["sdk_recorded"] == {"spans_per_call": 1.0, "metric_calls_per_call": 1.0}
+
+    figures = result["acceptance"]
+    assert figures["telemetry_noop_cpu_target"] == 1.02
+    assert isinstance(figures["telemetry_noop_within_target"], bool)
+    poolkits, concurrencies = ("poolkit-1ep", "poolkit-aio-1ep"), (1, 32)
+    assert set(figures["telemetry_cpu_ratio_64B"]) == {
+        f"{name}-{kind} c={c}" for name in poolkits for kind in ("noop", "sdk") for c in concurrencies
+    }
+    for value in figures["telemetry_cpu_ratio_64B"].values():
+        assert value.keys() == {"ratio", "paired_median", "paired_q1", "paired_q3"}
+        assert all(math.isfinite(v) for v in value.values())
+    assert set(figures["telemetry_sdk_extra_us_per_call"]) == {
+        f"{name}-sdk c={c}" for name in poolkits for c in concurrencies
+    }
+    for value in figures["telemetry_sdk_extra_us_per_call"].values():
+        assert math.isfinite(value["extra_us"])
+        assert math.isfinite(value["paired_median"])
