@@ -10,13 +10,23 @@
 from . import aio
 from ._channel import Channel, insecure_channel, secure_channel
 from ._config import FailureAccrual, HealthCheck, Hedging, PoolConfig, RetryBudget, RetryPolicy
-from ._errors import ConfigError, PoolClosedError, PoolkitError, PoolUnavailableError, SourceBindingUnavailable
+from ._errors import (
+    ConfigError,
+    ForkedChannelError,
+    ForkedProcessError,
+    PoolClosedError,
+    PoolkitError,
+    PoolUnavailableError,
+    SourceBindingUnavailable,
+)
 from ._version import __version__
 
 __all__ = [
     "Channel",
     "ConfigError",
     "FailureAccrual",
+    "ForkedChannelError",
+    "ForkedProcessError",
     "HealthCheck",
     "Hedging",
     "PoolClosedError",

@@ -29,6 +29,7 @@ from ._pool import REQUEUE, RETRY, Route, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, replayable, with_attempts
 from ._shell import (
+    _PARENTS_OBJECTS,
     ChannelOptions,
     Deserializer,
     MultiCallableBase,
@@ -138,6 +139,12 @@ class Channel(Pooled, grpc.aio.Channel):
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop()
             self._start_background()
+
+    def _after_fork(self, parent: int) -> None:
+        # The parent's tasks belong to its event loop; they are kept, never touched.
+        _PARENTS_OBJECTS.append((self._tasks, self._health_channels))
+        self._tasks, self._health_channels = None, {}
+        super()._after_fork(parent)
 
     def _open_route(self, route: Route) -> None:
         for slot in route.slots:

@@ -23,7 +23,7 @@ from ._config import PoolConfig
 from ._errors import ConfigError
 from ._pool import Route, Slot
 from ._retry import Attempts, replayable, resend, with_attempts
-from ._shell import ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
+from ._shell import _PARENTS_OBJECTS, ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
 from ._sync_future import RetryingFuture
 from ._sync_retry import RetryingStream, call_general, next_slot, retry_blocking, start_on
 from ._sync_watch import DiscoveryThread, HealthThread
@@ -107,6 +107,13 @@ class Channel(Pooled, grpc.Channel):
         health = self.config.health_check
         if health is not None:
             self._health[route] = HealthThread(self._pool, route, health, self._pool.rng)
+
+    def _after_fork(self, parent: int) -> None:
+        # The parent's threads do not exist here; their objects are kept, never touched.
+        _PARENTS_OBJECTS.append((self._health, self._discovery_thread, self._watchers))
+        self._health, self._discovery_thread, self._watchers = {}, None, {}
+        self._kick_lock = threading.Lock()
+        super()._after_fork(parent)
 
     def _reconnect(self, slot: Slot) -> None:
         """Open a new connection for a slot whose connection went idle (server GOAWAY,

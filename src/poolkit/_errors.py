@@ -70,3 +70,13 @@ class PoolUnavailableError(PoolkitError, grpc.RpcError, grpc.Call):
 
 class PoolClosedError(PoolUnavailableError):
     """A call was made on a poolkit channel after `close()`."""
+
+
+class ForkedChannelError(PoolClosedError):
+    """A call on a poolkit channel made before this process was forked from its parent:
+    its connections are the parent's. Create channels after the fork (in each worker)."""
+
+
+class ForkedProcessError(PoolkitError, RuntimeError):
+    """A poolkit channel cannot be built in this process: it was forked while the parent
+    had grpc connections open, and grpc's fork support was off, so grpc is not usable here."""

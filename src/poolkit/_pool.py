@@ -31,7 +31,7 @@ from ._accrual import Accrual
 from ._balancer import Picker, PowerOfTwoChoices, RoundRobin
 from ._budget import TokenBudget
 from ._config import PoolConfig
-from ._errors import PoolClosedError, PoolUnavailableError
+from ._errors import ForkedChannelError, PoolClosedError, PoolUnavailableError
 from ._metric import LeastLoaded, LoadMetric, PeakEwma
 from ._source import Source, sources_for
 from ._target import Endpoint
@@ -216,6 +216,7 @@ class PoolState:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.closed = False
+        self.forked_from: str | None = None  # why this copy of the pool is closed in a forked child
         self.connectivity = _Connectivity.IDLE
         self.panic = False
         self.resolve_soon = False  # an endpoint failed: discovery should look again early
@@ -268,7 +269,7 @@ class PoolState:
         `PoolUnavailableError` at once, saying why, when no route can take it."""
         with self._lock:
             if self.closed:
-                raise PoolClosedError(f"poolkit channel to {self.target} is closed")
+                raise self._closed_error()
             now = self.clock()
             self.budget.deposit(now)
             if now >= self._next_expiry:
@@ -300,7 +301,7 @@ class PoolState:
         `fresh_only`, required: `PoolUnavailableError` if there is none)."""
         with self._lock:
             if self.closed:
-                raise PoolClosedError(f"poolkit channel to {self.target} is closed")
+                raise self._closed_error()
             now = self.clock()
             if now >= self._next_expiry:
                 self._end_ejections(now)
@@ -445,6 +446,19 @@ class PoolState:
     @property
     def in_flight(self) -> int:
         return sum(route.metric.pending for route in self.routes)
+
+    def after_fork(self, why: str) -> None:
+        """In a forked child (one thread): closed, calls refused saying `why`, and a fresh
+        lock (a parent thread may have held this one when the process was copied)."""
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.closed = True
+        self.forked_from = why
+
+    def _closed_error(self) -> PoolClosedError:
+        if self.forked_from is not None:
+            return ForkedChannelError(self.forked_from)
+        return PoolClosedError(f"poolkit channel to {self.target} is closed")
 
     def close(self, grace: float | None = None) -> bool:
         """Stop admitting calls; with a grace, wait up to that long for in-flight calls to

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from . import _source, _telemetry
+from . import _fork, _source, _telemetry
 from ._config import PoolConfig
 from ._discovery import Discovery
 from ._errors import ConfigError, PoolUnavailableError
@@ -28,6 +28,9 @@ _UNBOUND = "default"  # port_budget()'s key when connections are not bound to a 
 # and at most how long it sleeps otherwise (so close() never waits long for it).
 _DRAIN_POLL = 0.1
 _IDLE_POLL = 1.0
+
+# In a forked child: the grpc objects of channels made in the parent, never collected.
+_PARENTS_OBJECTS: list[Any] = []
 
 ChannelOptions = Sequence[tuple[str, Any]]
 Serializer = Callable[[Any], bytes] | None
@@ -100,6 +103,19 @@ class Pooled:
         self._unroutable: set[Endpoint] = set()  # resolved endpoints no source can reach
         self._semconv = _telemetry.Semconv()  # read when the channel is built
         _telemetry.watch(self)
+        _fork.register(self)
+
+    def _after_fork(self, parent: int) -> None:
+        """In a forked child: refuse calls, saying why, and never touch the parent's grpc
+        objects again (closing or even collecting them could crash this process, so they
+        are kept for its life)."""
+        self._lock = threading.Lock()
+        _PARENTS_OBJECTS.append([slot.channel for route in self._pool.routes for slot in route.slots])
+        self._pool.after_fork(
+            f"poolkit channel to {self._pool.target} was created in process {parent}, which this process "
+            "was forked from: its connections are the parent's. Create poolkit channels in each worker, "
+            "after the fork (gunicorn: in post_fork or on first use; multiprocessing: in the worker function)"
+        )
 
     # -- discovery, shared by both shells -----------------------------------------------
 

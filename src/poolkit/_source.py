@@ -144,6 +144,12 @@ _BY_SOURCE: dict[Source, SourceBinding] = {}
 _LOCK = threading.Lock()
 
 
+def after_fork() -> None:
+    """In a forked child (one thread): the lock a parent thread may have held, renewed."""
+    global _LOCK  # noqa: PLW0603 - module state, replaced once in a new process
+    _LOCK = threading.Lock()
+
+
 def _mutate_fd(fd: int, pointer: int | None) -> bool:
     binding = _BINDINGS.get(pointer or 0)
     return binding is not None and binding.bind(fd)

@@ -221,7 +221,8 @@ class _Following:
             return self.current
 
 
-_instruments = _Following().get
+_following = _Following()
+_instruments = _following.get
 
 
 # -- one call --------------------------------------------------------------------------------
@@ -660,3 +661,9 @@ def _register_pool_instruments(meter: Meter) -> None:
         unit="1",
         description="ports in use on a source address over the ephemeral port range",
     )
+
+
+def after_fork() -> None:
+    """In a forked child (one thread): locks a parent thread may have held, renewed."""
+    _following._lock = threading.Lock()
+    _channels._lock = threading.Lock()
