@@ -37,6 +37,7 @@ from ._shell import (
     Serializer,
     may_send_again,
     slot_options,
+    take_again,
     take_hedge_slot,
 )
 from ._telemetry import Attempt, CallTrace, invoke, start_call
@@ -449,17 +450,19 @@ class _MultiCallable(MultiCallableBase):
             raise error
         pool, plan, clock = self._pool, self._plan, self._clock
         delay = plan.decide(state, error, clock())
-        if delay is None or not may_send_again(pool, state, REQUEUE if delay == REQUEUE_NOW else RETRY):
+        if delay is None:
             raise error
-        if delay > 0:
+        kind = REQUEUE if delay == REQUEUE_NOW else RETRY
+        if delay > 0:  # a backoff is waited out only if the budget will pay for what follows
+            if not may_send_again(pool, state, kind):
+                raise error
             await asyncio.sleep(delay)
         timeout = plan.next_timeout(state, delay, clock())
         if timeout is not None and timeout <= 0:
             raise error
-        try:
-            slot = pool.begin_again(args[4], state.tried)
-        except PoolUnavailableError:
-            raise error from None
+        slot = take_again(pool, state, None if delay > 0 else kind, args[4])
+        if slot is None:
+            raise error
         return self._send(slot, args, timeout, with_attempts(args[2], state.previous), state.trace)
 
     def _end_call(self, slot: Slot, started: float | None, call: Any) -> None:

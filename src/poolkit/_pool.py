@@ -323,6 +323,15 @@ class PoolState:
             tried.add(route)
             return _take(route)
 
+    def untake(self, slot: Slot) -> None:
+        """Give back a slot taken by `begin_again` for an attempt that is not sent after
+        all (the budget refused it): no call is counted."""
+        with self._lock:
+            slot.pending -= 1
+            slot.route.metric.pending -= 1
+            if self.closed or slot.route.draining:
+                self._idle.notify_all()
+
     def has_untried(self, tried: set[Route]) -> bool:
         """Whether a route in rotation is not among `tried` (somewhere for a hedge to go)."""
         with self._lock:

@@ -293,13 +293,27 @@ def take_hedge_slot(multicallable: MultiCallableBase, state: Attempts, wait_for_
     pool = multicallable._pool
     if state.deadline is not None and state.deadline <= multicallable._clock():
         return None
-    if not pool.has_untried(state.tried) or not may_send_again(pool, state, HEDGE):
+    if not pool.has_untried(state.tried):
         return None
+    slot = take_again(pool, state, HEDGE, wait_for_ready, fresh_only=True)
+    if slot is not None:
+        state.prepare_for_next_attempt()
+    return slot
+
+
+def take_again(
+    pool: PoolState, state: Attempts, unpaid: str | None, wait_for_ready: bool | None, *, fresh_only: bool = False
+) -> Slot | None:
+    """The slot for the call's next attempt (`PoolState.begin_again`), or None when the
+    pool has none; `unpaid`: the kind the budget must pay for now, once a slot is found
+    (so an attempt that is not sent is never paid for), None when already paid."""
     try:
-        slot = pool.begin_again(wait_for_ready, state.tried, fresh_only=True)
+        slot = pool.begin_again(wait_for_ready, state.tried, fresh_only=fresh_only)
     except PoolUnavailableError:
         return None
-    state.prepare_for_next_attempt()
+    if unpaid is not None and not may_send_again(pool, state, unpaid):
+        pool.untake(slot)
+        return None
     return slot
 
 

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ._errors import PoolUnavailableError
 from ._pool import REQUEUE, RETRY, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, resend, with_attempts
-from ._shell import may_send_again, take_hedge_slot
+from ._shell import may_send_again, take_again, take_hedge_slot
 from ._telemetry import Attempt, CallTrace, invoke
 
 if TYPE_CHECKING:
@@ -183,10 +182,13 @@ class RetryingFuture(grpc.Call, _FutureBase):
             state = self._state = plan.first(self._started, self._timeout, self._first_route)
             state.trace = self._trace
         delay = plan.decide(state, failed, clock())
-        if delay is None or not may_send_again(pool, state, REQUEUE if delay == REQUEUE_NOW else RETRY):
+        if delay is None:
             self._finish(failed)
-        elif delay > 0:
-            self._later(delay, self._resend, failed, delay)
+        elif delay > 0:  # a backoff is waited out only if the budget will pay for what follows
+            if may_send_again(pool, state, RETRY):
+                self._later(delay, self._resend, failed, delay)
+            else:
+                self._finish(failed)
         else:
             self._resend(failed, delay)
 
@@ -203,9 +205,9 @@ class RetryingFuture(grpc.Call, _FutureBase):
         if timeout is not None and timeout <= 0:
             self._finish(failed)
             return
-        try:
-            slot = multicallable._pool.begin_again(wait_for_ready, state.tried)
-        except PoolUnavailableError:
+        unpaid = None if delay > 0 else (REQUEUE if delay == REQUEUE_NOW else RETRY)
+        slot = take_again(multicallable._pool, state, unpaid, wait_for_ready)
+        if slot is None:
             self._finish(failed)
             return
         try:

@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ._errors import PoolUnavailableError
 from ._pool import REQUEUE, RETRY, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, replayable, resend, with_attempts
-from ._shell import may_send_again, take_hedge_slot
+from ._shell import may_send_again, take_again, take_hedge_slot
 from ._telemetry import CallTrace, invoke
 
 if TYPE_CHECKING:
@@ -37,17 +36,19 @@ def next_slot(
     `error` when the plan, the budget, the deadline or the pool says no."""
     pool, plan, clock = multicallable._pool, multicallable._plan, multicallable._clock
     delay = plan.decide(state, error, clock())
-    if delay is None or not may_send_again(pool, state, REQUEUE if delay == REQUEUE_NOW else RETRY):
+    if delay is None:
         raise error
-    if delay > 0:
+    kind = REQUEUE if delay == REQUEUE_NOW else RETRY
+    if delay > 0:  # a backoff is waited out only if the budget will pay for what follows
+        if not may_send_again(pool, state, kind):
+            raise error
         time.sleep(delay)
     timeout = plan.next_timeout(state, delay, clock())
     if timeout is not None and timeout <= 0:
         raise error
-    try:
-        slot = pool.begin_again(wait_for_ready, state.tried)
-    except PoolUnavailableError:
-        raise error from None
+    slot = take_again(pool, state, None if delay > 0 else kind, wait_for_ready)
+    if slot is None:
+        raise error
     return slot, timeout
 
 
