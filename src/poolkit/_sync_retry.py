@@ -199,10 +199,12 @@ def call_general(
     streaming_request: bool,
 ) -> Any:
     """A blocking call off the plain path: traced, hedged, or with an attempt timeout."""
-    if trace is None:
-        return _first_attempt(
+    if trace is not None:
+        metadata = trace.metadata
+    try:
+        result = _first_attempt(
             multicallable,
-            None,
+            trace,
             attribute,
             request,
             timeout,
@@ -212,23 +214,12 @@ def call_general(
             compression,
             streaming_request,
         )
-    try:
-        result = _first_attempt(
-            multicallable,
-            trace,
-            attribute,
-            request,
-            timeout,
-            trace.metadata,
-            credentials,
-            wait_for_ready,
-            compression,
-            streaming_request,
-        )
     except BaseException as error:
-        trace.give_up(error)
+        if trace is not None:
+            trace.give_up(error)
         raise
-    trace.end(_OK, None)
+    if trace is not None:
+        trace.end(_OK, None)
     return result
 
 
