@@ -21,9 +21,14 @@ descriptors (/proc/self/fd), the pools' slots and connections (READY slots, from
 the first sample to the last, then the checks; it exits 1 if any check fails:
 
   in flight     0 at every sample: a call that ended always released its slot.
-  threads       exactly as many at the end as at the start, by both counts. Callers'
+  threads       Python threads exactly as many at the end as at the start. Callers'
                 threads are joined before each sample, so what is left is the pools'
                 (health checks, grpc's pollers) and this script's event-loop thread.
+                The process's OS threads (grpc core's included) at most
+                `OS_THREAD_SLACK` (2) more at every sample: grpc core's thread pool
+                sizes itself to the load, and was seen one thread larger after
+                30,000 calls of a CI run; a thread leaked per call, or per thousand
+                calls, is far past that.
   fds           exactly as many at the end as at the start: sockets are the pools' few
                 connections, opened once.
   slots, connections  unchanged: no connection was replaced, none was lost.
@@ -47,7 +52,7 @@ from one sample to the next; the second half's slope was +0.24 MB (100,000 calls
 +0.30 to +0.33 MB (60,000); and `tracemalloc`, started after the warm-up, found the
 Python heap 27 KiB larger after 18,000 more calls. What RSS still shows is native memory
 (glibc's arenas, grpc core) settling; the 2 MB floor is six times the largest slope seen.
-Threads and fds came back to the same counts in every run.
+Python threads and fds came back to the same counts in every run.
 
 `--json PATH` writes the settings, every sample, the deltas and the checks.
 """
@@ -78,6 +83,7 @@ from poolkit import PoolConfig
 from poolkit.testing import EchoRequest, EchoStub, spawn_echo_servers
 
 FAIL_SHARE = 0.05
+OS_THREAD_SLACK = 2  # grpc core's thread pool grows and shrinks with the load
 CANCEL_SHARE = 0.02
 FAIL_CODES = (
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -615,12 +621,14 @@ def resource_checks(settings: Settings, samples: Sequence[Sample]) -> list[Check
     flat = slope_mb(half)
     flat_limit = settings.rss_flat_mb(half[-1].calls - half[0].calls)
     busy = [s.calls for s in samples if s.in_flight]
+    most_tasks = max(s.tasks for s in samples)
     return [
         Check("in flight", not busy, "0 at every sample" if not busy else f"calls in flight at samples {busy}"),
         Check(
             "threads",
-            (last.threads, last.tasks) == (first.threads, first.tasks),
-            f"python {first.threads} -> {last.threads}, os {first.tasks} -> {last.tasks}",
+            last.threads == first.threads and most_tasks - first.tasks <= OS_THREAD_SLACK,
+            f"python {first.threads} -> {last.threads}, os {first.tasks} -> {last.tasks} "
+            f"(at most {most_tasks} at a sample; at most +{OS_THREAD_SLACK})",
         ),
         Check("fds", last.fds == first.fds, f"{first.fds} -> {last.fds}"),
         Check(

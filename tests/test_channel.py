@@ -8,6 +8,9 @@ import dataclasses
 import gc
 import json
 import math
+import os
+import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +22,7 @@ from _support import wait_for_idle, wait_until
 
 import poolkit
 from poolkit import ConfigError, PoolClosedError, PoolConfig, PoolkitError
-from poolkit.testing import EchoRequest, EchoServers, EchoStub
+from poolkit.testing import EchoRequest, EchoServers, EchoStub, spawn_echo_servers
 
 WAIT = 5.0
 REQUEST = EchoRequest(payload=b"x")
@@ -389,6 +392,51 @@ def test_dropped_channel_is_collected(cluster: EchoServers) -> None:
         leaked = dropped()
         if leaked is not None:
             leaked.close()
+
+
+def _sockets() -> int:
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") for fd in _fds())
+
+
+def _fds() -> list[str]:
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, gone
+            continue
+        names.append(fd)
+    return names
+
+
+def test_dropped_channels_close_their_connections_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropped without close(), a channel's connections are closed as close() would: grpc's
+    connectivity pollers stop first, so none dies with "Cannot monitor channel state", and
+    their threads and sockets are all given back. (Servers in another process, so that
+    every thread and socket counted here is the client's.)"""
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    with spawn_echo_servers(2) as spawned:
+        gc.collect()
+        threads, sockets = threading.active_count(), _sockets()
+        drop_channels(spawned.target)
+        wait_until(
+            # At most: the module's in-process servers may close connections of earlier tests.
+            lambda: threading.active_count() <= threads and _sockets() <= sockets,
+            f"threads ({threads}) and sockets ({sockets}) given back by dropped channels",
+        )
+    assert died == []
+
+
+def drop_channels(target: str) -> None:
+    for round_ in range(6):
+        config = PoolConfig(connections_per_endpoint=2)
+        channels = [poolkit.insecure_channel(target, config=config) for _ in range(3)]
+        for channel in channels:
+            EchoStub(channel).Unary(REQUEST, timeout=WAIT)
+        time.sleep(0.03 * round_)  # catch the pollers at different points of their 0.2 s cycle
+        del channels, channel
+        gc.collect()
 
 
 # -- balancing end to end -------------------------------------------------------------------------

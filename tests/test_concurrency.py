@@ -60,10 +60,12 @@ import poolkit.aio
 from poolkit import PoolConfig, PoolkitError, RetryPolicy
 from poolkit.testing import ECHO_SERVICE, EchoRequest, EchoStub, SpawnedEchoServers, spawn_echo_servers
 
-# Not yet an error here: grpc's own connectivity-poller thread can die with "Cannot monitor
-# channel state: Channel deallocated!" when a watched sync channel is closed (a known race,
-# seen in the clean-clone run; poolkit's close sequence is to stop triggering it, issue 8).
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.timeout(120),
+    # The pool's background work, and grpc's pollers of its connections, must never die
+    # with an unhandled exception.
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 
 OK = grpc.StatusCode.OK
 CANCELLED = grpc.StatusCode.CANCELLED

@@ -77,7 +77,7 @@ def test_sixty_thousand_calls_leave_nothing_behind(tmp_path: Path) -> None:
             sample["connections"],
             0,
         )
-    assert "threads +0, os threads +0, fds +0, slots +0, connections +0, in flight 0" in text
+    assert re.search(r"threads \+0, os threads \+[012], fds \+0, slots \+0, connections \+0, in flight 0", text)
     assert text.count("  PASS  ") == len(result["checks"]) == 8
     assert "FAIL" not in text
     assert text.rstrip().endswith("soak: OK")
@@ -86,8 +86,10 @@ def test_sixty_thousand_calls_leave_nothing_behind(tmp_path: Path) -> None:
     assert result["ok"]
     assert all(check["ok"] for check in result["checks"])
     first, last = samples[0], samples[-1]
-    for key in ("threads", "tasks", "fds", "slots", "connections"):
+    for key in ("threads", "fds", "slots", "connections"):
         assert all(sample[key] == first[key] for sample in samples), key  # every sample, not just the last
+    # grpc core's own thread pool follows the load: a thread or two more, never a trend.
+    assert all(first["tasks"] <= sample["tasks"] + 2 and sample["tasks"] <= first["tasks"] + 2 for sample in samples)
     assert first["connections"] == first["slots"] == 6  # 3 servers x 1, sync and aio
     assert all(sample["in_flight"] == 0 for sample in samples)
     assert (last["rss_kb"] - first["rss_kb"]) / 1024 <= 20
@@ -150,7 +152,7 @@ def test_a_big_leak_fails_both() -> None:
     ("changes", "failing"),
     [
         ({"threads": 13}, "threads"),
-        ({"tasks": 19}, "threads"),
+        ({"tasks": 21}, "threads"),
         ({"fds": 23}, "fds"),
         ({"fds": 21}, "fds"),
         ({"connections": 5}, "slots, connections"),
@@ -160,6 +162,14 @@ def test_a_big_leak_fails_both() -> None:
 )
 def test_anything_left_behind_fails(changes: dict[str, int], failing: str) -> None:
     assert failed_checks(made_up(MEASURED, **changes)) == {failing}
+
+
+def test_grpc_cores_thread_pool_may_grow_by_two() -> None:
+    """grpc core sizes its thread pool to the load: +1 was seen mid-run in CI."""
+    assert failed_checks(made_up(MEASURED, tasks=20)) == set()
+    samples = made_up(MEASURED)
+    samples[3] = replace(samples[3], tasks=21)  # more than two at any sample fails, even if it shrank back
+    assert failed_checks(samples) == {"threads"}
 
 
 def test_the_flat_tolerance_grows_with_the_calls() -> None:

@@ -8,8 +8,8 @@ but what grpc itself does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
 import random
 import threading
 import time
@@ -31,8 +31,11 @@ from ._telemetry import Attempt, CallTrace, start_call
 
 # How long close() waits for each background thread; they stop promptly once told.
 _JOIN_TIMEOUT = 2.0
-# grpc's connectivity poller wakes every 0.2 s: a reconnect request is acted on by then.
-_KICK_SETTLE = 0.25
+# grpc's connectivity poller wakes every 0.2 s; one told to stop (and, perhaps, to act on a
+# reconnect request first) is gone within two wake-ups.
+_POLLERS_STOP = 0.5
+# How often close() looks whether the pollers have stopped.
+_POLLERS_LOOK = 0.005
 
 _OK = grpc.StatusCode.OK
 ConnectivityCallback = Callable[[grpc.ChannelConnectivity], None]
@@ -88,7 +91,6 @@ class Channel(Pooled, grpc.Channel):
         self._subscribers: dict[ConnectivityCallback, None] = {}
         self._watchers: dict[Slot, Callable[[grpc.ChannelConnectivity], None]] = {}
         self._health: dict[Route, HealthThread] = {}
-        self._kicked = -math.inf  # when a connection was last asked to reconnect
         self._kick_lock = threading.Lock()
         for route in self._pool.routes:
             self._open_route(route)
@@ -123,21 +125,32 @@ class Channel(Pooled, grpc.Channel):
                 return
             slot.channel.subscribe(_ignore, try_to_connect=True)
             slot.channel.unsubscribe(_ignore)
-            self._kicked = time.monotonic()
 
     def _close_route(self, route: Route) -> None:
+        self._close_routes([route])
+
+    def _close_routes(self, routes: list[Route]) -> None:
+        """Stop watching these routes' connections, then close them.
+
+        grpc's connectivity poller (one thread per watched grpc channel) wakes every 0.2 s;
+        a channel closed while it is between two watches kills it with "Cannot monitor
+        channel state" in its own thread, and grpc's close() waits out a watch in progress
+        anyway, channel after channel. So every poller is told to stop first and all are
+        waited for together (at most one or two wake-ups, including a reconnect request
+        still to be acted on); then the closes are immediate.
+        """
+        slots = [slot for route in routes for slot in route.slots]
         with self._kick_lock:
-            watchers = [(slot, self._watchers.pop(slot, None)) for slot in route.slots]
-            kicked = self._kicked
-        # grpc's connectivity poller acts on a reconnect request up to 0.2 s later and
-        # fails noisily (in its own thread) if the channel was closed meanwhile.
-        time.sleep(max(0.0, kicked + _KICK_SETTLE - time.monotonic()))
-        checker = self._health.pop(route, None)
-        if checker is not None:
-            checker.stop()
+            watchers = [(slot, self._watchers.pop(slot, None)) for slot in slots]
+        for route in routes:
+            checker = self._health.pop(route, None)
+            if checker is not None:
+                checker.stop()
         for slot, watcher in watchers:
             if watcher is not None:
                 slot.channel.unsubscribe(watcher)
+        _await_pollers([slot.channel for slot in slots], time.monotonic() + _POLLERS_STOP)
+        for slot in slots:
             slot.channel.close()
 
     def _discovery_step(self) -> float:
@@ -217,8 +230,7 @@ class Channel(Pooled, grpc.Channel):
         if not self._pool.close(grace):
             return
         self._stop_background()
-        for route in self._pool.routes:
-            self._close_route(route)
+        self._close_routes(list(self._pool.routes))
         with self._lock:
             self._subscribers.clear()
 
@@ -232,12 +244,25 @@ class Channel(Pooled, grpc.Channel):
             thread.join(_JOIN_TIMEOUT)
 
     def __del__(self) -> None:
-        # A channel dropped without close(): its threads must not outlive it.
+        # A channel dropped without close(): its threads must not outlive it, and its
+        # connections are closed as close() would, off the collecting thread (which must
+        # not wait for grpc's pollers). Left to grpc, each grpc channel would be closed as
+        # it is collected, under its still-running poller.
         for thread in getattr(self, "_health", {}).values():
             thread.stop()
         discovery = getattr(self, "_discovery_thread", None)
         if discovery is not None:
             discovery.stop()
+        pool, watchers = getattr(self, "_pool", None), getattr(self, "_watchers", None)
+        if pool is None or watchers is None or pool.closed:
+            return
+        for slot, watcher in list(watchers.items()):
+            slot.channel.unsubscribe(watcher)
+        watchers.clear()
+        channels = [slot.channel for slot in pool.slots if slot.channel is not None]
+        closer = threading.Thread(target=_close_after_pollers, args=(channels,), name="poolkit-close", daemon=True)
+        with contextlib.suppress(RuntimeError):  # the interpreter is shutting down: no new threads
+            closer.start()
 
     def __enter__(self) -> Self:
         return self
@@ -271,6 +296,21 @@ def _watch(channel_ref: weakref.ref[Channel], slot_ref: weakref.ref[Slot], state
 
 def _ignore(state: grpc.ChannelConnectivity) -> None:
     pass
+
+
+def _close_after_pollers(channels: list[grpc.Channel]) -> None:
+    _await_pollers(channels, time.monotonic() + _POLLERS_STOP)
+    for channel in channels:
+        channel.close()
+
+
+def _await_pollers(channels: list[grpc.Channel], deadline: float) -> None:
+    """Wait until grpc's connectivity poller of each channel, no longer needed, has ended
+    (read from grpc's own state; a grpc without it is not waited for)."""
+    for channel in channels:
+        state = getattr(channel, "_connectivity_state", None)
+        while getattr(state, "polling", False) and time.monotonic() < deadline:
+            time.sleep(_POLLERS_LOOK)
 
 
 class _MultiCallable(MultiCallableBase):
