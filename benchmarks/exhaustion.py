@@ -253,9 +253,10 @@ class Sockets:
 
 
 def count_sockets(servers: set[tuple[str, int]]) -> Sockets:
-    established: collections.Counter[str] = collections.Counter()
-    time_wait: collections.Counter[tuple[str, str]] = collections.Counter()
-    server_time_wait = 0
+    """Each socket counted once: /proc/net/tcp is read in pages, and a table that changes
+    between two reads (connections opening and closing meanwhile) can list a socket on
+    both pages, so the sockets are told apart by their address pairs."""
+    seen: dict[tuple[tuple[str, int], tuple[str, int]], str] = {}
     for path in TCP_TABLES:
         try:
             lines = path.read_text().splitlines()[1:]
@@ -263,17 +264,19 @@ def count_sockets(servers: set[tuple[str, int]]) -> Sockets:
             continue
         for line in lines:
             fields = line.split(None, 4)
-            state = fields[3]
-            if state == _LISTEN:
-                continue
-            local, remote = _address(fields[1]), _address(fields[2])
-            if remote in servers:
-                if state == _ESTABLISHED:
-                    established[local[0]] += 1
-                elif state == _TIME_WAIT:
-                    time_wait[local[0], f"{remote[0]}:{remote[1]}"] += 1
-            elif local in servers and state == _TIME_WAIT:
-                server_time_wait += 1
+            if fields[3] != _LISTEN:
+                seen[_address(fields[1]), _address(fields[2])] = fields[3]
+    established: collections.Counter[str] = collections.Counter()
+    time_wait: collections.Counter[tuple[str, str]] = collections.Counter()
+    server_time_wait = 0
+    for (local, remote), state in seen.items():
+        if remote in servers:
+            if state == _ESTABLISHED:
+                established[local[0]] += 1
+            elif state == _TIME_WAIT:
+                time_wait[local[0], f"{remote[0]}:{remote[1]}"] += 1
+        elif local in servers and state == _TIME_WAIT:
+            server_time_wait += 1
     return Sockets(established, time_wait, server_time_wait)
 
 
