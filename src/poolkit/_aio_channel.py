@@ -35,6 +35,7 @@ from ._shell import (
     MultiCallableBase,
     Pooled,
     Serializer,
+    checked_grace,
     may_send_again,
     slot_options,
     take_again,
@@ -286,6 +287,7 @@ class Channel(Pooled, grpc.aio.Channel):
     async def close(self, grace: float | None = None) -> None:
         """Stop admitting calls, let those in flight finish for up to `grace` seconds, then
         close every connection (cancelling what is still running). Idempotent."""
+        grace = checked_grace(grace)
         if not self._pool.close():
             return
         self._closed.set()

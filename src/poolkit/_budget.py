@@ -31,6 +31,9 @@ _UNIT = 1_000_000
 
 # Finagle's bound too: a budget of more than 1000 retries per call is surely a mistake.
 _MAX_RATIO = 1000.0
+# The largest duration (seconds) or rate poolkit takes: 31 years. Python's own waits refuse
+# a timeout past about 9.2e9 s (threading.TIMEOUT_MAX), in a background thread.
+MAX_NUMBER = 1e9
 
 
 class TokenBudget:
@@ -155,6 +158,16 @@ def validate_budget(ratio: object, min_per_second: object, window: object) -> No
 
 
 def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not is_finite(value):
         raise ConfigError(name, value, "must be a finite number")
+    if value > MAX_NUMBER:
+        raise ConfigError(name, value, f"must be at most {MAX_NUMBER:g}")
     return value
+
+
+def is_finite(value: float) -> bool:
+    """Whether `value` is a real number a float can hold (an int past 1e308 is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

@@ -23,7 +23,16 @@ from ._config import PoolConfig
 from ._errors import ConfigError
 from ._pool import Route, Slot
 from ._retry import Attempts, replayable, resend, with_attempts
-from ._shell import _PARENTS_OBJECTS, ChannelOptions, Deserializer, MultiCallableBase, Pooled, Serializer, slot_options
+from ._shell import (
+    _PARENTS_OBJECTS,
+    ChannelOptions,
+    Deserializer,
+    MultiCallableBase,
+    Pooled,
+    Serializer,
+    checked_grace,
+    slot_options,
+)
 from ._sync_future import RetryingFuture
 from ._sync_retry import RetryingStream, call_general, next_slot, retry_blocking, start_on
 from ._sync_watch import DiscoveryThread, HealthThread
@@ -211,6 +220,8 @@ class Channel(Pooled, grpc.Channel):
     def subscribe(self, callback: ConnectivityCallback, try_to_connect: bool = False) -> None:
         """Call `callback` with the pool's connectivity now and on every change: READY
         while any connection is ready, else CONNECTING, IDLE, TRANSIENT_FAILURE."""
+        if not callable(callback):
+            raise ConfigError("callback", callback, "must be callable: it is called with a grpc.ChannelConnectivity")
         with self._lock:
             self._subscribers[callback] = None
             state = self._pool.connectivity
@@ -227,7 +238,7 @@ class Channel(Pooled, grpc.Channel):
     def close(self, grace: float | None = None) -> None:
         """Stop admitting calls, wait up to `grace` seconds for those in flight, then close
         every connection (cancelling what is still running). Idempotent."""
-        if not self._pool.close(grace):
+        if not self._pool.close(checked_grace(grace)):
             return
         self._stop_background()
         self._close_routes(list(self._pool.routes))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -11,7 +10,7 @@ from typing import Literal
 
 import grpc
 
-from ._budget import DEFAULT_MIN_PER_SECOND, DEFAULT_RATIO, DEFAULT_WINDOW, validate_budget
+from ._budget import DEFAULT_MIN_PER_SECOND, DEFAULT_RATIO, DEFAULT_WINDOW, MAX_NUMBER, is_finite, validate_budget
 from ._errors import ConfigError
 
 _IFNAMSIZ = 16  # an interface name is shorter than this (Linux)
@@ -387,8 +386,10 @@ def _check_int(name: str, value: object, *, low: int, high: int) -> None:
 def _check_positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(name, value, "must be a number")
-    if not math.isfinite(value) or value <= 0:
+    if not is_finite(value) or value <= 0:
         raise ConfigError(name, value, "must be a finite number greater than 0")
+    if value > MAX_NUMBER:
+        raise ConfigError(name, value, f"must be at most {MAX_NUMBER:g}")
 
 
 def _check_share(name: str, value: object) -> None:
@@ -406,10 +407,11 @@ def _check_jitter(name: str, value: object) -> None:
 def _status_codes(name: str, codes: object) -> frozenset[grpc.StatusCode]:
     if isinstance(codes, grpc.StatusCode | str) or not isinstance(codes, Iterable):
         raise ConfigError(name, codes, "must be a set of grpc.StatusCode")
-    result = frozenset(codes)
-    for code in result:
+    items = list(codes)
+    for code in items:
         if not isinstance(code, grpc.StatusCode):
             raise ConfigError(name, code, "must be a grpc.StatusCode")
+    result = frozenset(items)
     if grpc.StatusCode.OK in result:
         raise ConfigError(name, codes, "cannot include OK: OK is not a failure")
     return result

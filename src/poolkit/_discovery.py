@@ -29,7 +29,9 @@ class Discovery:
     def __init__(self, target: str | Sequence[str], config: PoolConfig, rng: random.Random, now: float) -> None:
         self._resolver = config.resolver
         self._specs: list[Spec] = [] if self._resolver is not None else split_target(target)
-        if not isinstance(target, str) and not all(isinstance(t, str) for t in target):
+        if not isinstance(target, str) and not (
+            isinstance(target, Sequence) and all(isinstance(t, str) for t in target)
+        ):
             raise ConfigError("target", target, "must be a string or a sequence of 'host:port' strings")
         self.target = target if isinstance(target, str) else ",".join(target)
         self._rng = rng

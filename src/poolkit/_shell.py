@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from . import _fork, _source, _telemetry
+from ._budget import MAX_NUMBER, is_finite
 from ._config import PoolConfig
 from ._discovery import Discovery
 from ._errors import ConfigError, PoolUnavailableError
@@ -67,7 +68,20 @@ def validated_options(options: ChannelOptions | None) -> list[tuple[str, Any]]:
     for option in options:
         if not (isinstance(option, tuple) and len(option) == 2 and isinstance(option[0], str)):
             raise ConfigError("options", option, "each option must be a (name, value) tuple")
+        if not isinstance(option[1], int | str | bytes):
+            raise ConfigError("options", option, f"the value of {option[0]} must be an int or a string")
     return list(options)
+
+
+def checked_grace(grace: object) -> float | None:
+    """`close(grace)`'s grace, refused (naming it) before anything is closed."""
+    if grace is None:
+        return None
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not is_finite(grace) or grace < 0:
+        raise ConfigError("grace", grace, "must be None or a number of seconds, 0 or more")
+    if grace > MAX_NUMBER:
+        raise ConfigError("grace", grace, f"must be at most {MAX_NUMBER:g} seconds")
+    return float(grace)
 
 
 class Pooled:
@@ -257,7 +271,7 @@ class MultiCallableBase:
         registered: bool | None,
     ) -> None:
         if not isinstance(method, str) or not method.startswith("/"):
-            raise ValueError(f"method={method!r}: must be a full method name like '/package.Service/Method'")
+            raise ConfigError("method", method, "must be a full method name like '/package.Service/Method'")
         self._pool = channel._pool
         self._clock = channel._pool.clock
         self._kind = kind

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from ._errors import ConfigError
 
 DEFAULT_PORT = 443  # grpc's own default when a dns target names no port
+# grpc's other schemes: named as schemes poolkit does not take, not misread as a host.
+_OTHER_SCHEMES = frozenset({"unix", "unix-abstract", "vsock", "xds", "google-c2p", "passthrough"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,8 @@ def _split_target(target: str) -> list[tuple[str, bool]]:
             if not slash:
                 raise ConfigError("target", target, "expected dns:///host:port")
         return [(rest, True)]
-    if "://" in text or (sep and not rest[:1].isdigit() and not text.startswith("[")):
+    if "://" in text or scheme in _OTHER_SCHEMES:
+        scheme = text.partition("://")[0] if "://" in text else scheme
         raise ConfigError("target", target, f"unknown scheme {scheme!r}: use host:port, dns:///, ipv4: or ipv6:")
     if "," in text:
         raise ConfigError("target", target, "names several addresses: write ipv4:a:p,b:p (or ipv6:), or pass a list")
@@ -139,12 +142,13 @@ def split_host_port(spec: str, target: object) -> tuple[str, int]:
     elif spec.count(":") > 1:
         raise ConfigError("target", target, f"IPv6 address {spec!r} must be in brackets: [addr]:port")
     else:
-        host, _, port_text = spec.partition(":")
+        host, colon, port_text = spec.partition(":")
+        rest = colon + port_text
     if not host:
         raise ConfigError("target", target, f"address {spec!r} has no host")
-    if not port_text:
+    if not rest:
         return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ConfigError("target", target, f"port {port_text!r} of {spec!r} must be a number from 1 to 65535")
     return host, int(port_text)
 
