@@ -741,10 +741,8 @@ SYNC_CALLS = [
     Row(
         "unary NaN timeout",
         lambda c, s: s.Unary(REQUEST, timeout=math.nan),
-        ValueError,
-        "timeout",
-        bug=_NAN_TIMEOUT,
-        observed=grpc.RpcError,
+        ConfigError,
+        "timeout=nan: must be a number of seconds, or None",
     ),
     Row(
         "str request to a protobuf method",
@@ -1085,10 +1083,6 @@ _COUNTED = (
     "observed: every endpoint the bad calls went to is ejected (up to max_ejected_share) though no "
     "request left the client: "
 )
-_SYNC_RAISED = (
-    "the sync shell ends the attempt with pool.end(slot, None, UNKNOWN) for any exception grpc raises while "
-    "starting it (_channel.py, _sync_retry.py, _sync_future.py), and UNKNOWN is a failure code"
-)
 _AIO_RAISED = (
     "_aio_channel._MultiCallable._invoke ends the attempt with pool.end(slot, None, UNKNOWN) when grpc "
     "refuses to start it, and UNKNOWN is a failure code"
@@ -1097,41 +1091,54 @@ _LOCAL_CODE = "grpc fails the call locally with {}, a failure code of FailureAcc
 
 # (channel, stub) -> one bad call; `bug` when poolkit counts it against the endpoint.
 MISTAKES_SYNC = [
-    Row("timeout a string", lambda c, s: s.Unary(REQUEST, timeout="1"), TypeError, "", bug=_COUNTED + _SYNC_RAISED),
+    Row("timeout a string", lambda c, s: s.Unary(REQUEST, timeout="1"), TypeError, ""),
     Row(
         "metadata value not a string",
         lambda c, s: s.Unary(REQUEST, timeout=LIMIT, metadata=[("key", 1)]),
         TypeError,
         "",
-        bug=_COUNTED + _SYNC_RAISED,
     ),
     Row(
         "metadata key in capitals",
         lambda c, s: s.Unary(REQUEST, timeout=LIMIT, metadata=[("Key", "v")]),
         grpc.RpcError,
         "",
-        bug=_COUNTED + _LOCAL_CODE.format("INTERNAL 'Invalid metadata'"),
     ),
     Row(
         "request not serialisable",
         lambda c, s: s.Unary("hello", timeout=LIMIT),
         grpc.RpcError,
         "",
-        bug=_COUNTED + _LOCAL_CODE.format("INTERNAL 'Exception serializing request!'"),
     ),
     Row(
         "negative timeout (a propagated deadline already past)",
         lambda c, s: s.Unary(REQUEST, timeout=-1),
         grpc.RpcError,
         "",
-        bug=_COUNTED + _LOCAL_CODE.format("DEADLINE_EXCEEDED"),
     ),
     Row(
         "NaN timeout",
         lambda c, s: s.Unary(REQUEST, timeout=math.nan),
+        ConfigError,
+        "",
+    ),
+    Row(
+        "future with a negative timeout",
+        lambda c, s: s.Unary.future(REQUEST, timeout=-1).result(),
         grpc.RpcError,
         "",
-        bug=_COUNTED + _LOCAL_CODE.format("DEADLINE_EXCEEDED"),
+    ),
+    Row(
+        "response stream with metadata in capitals",
+        lambda c, s: list(s.ServerStream(REQUEST, timeout=LIMIT, metadata=[("Key", "v")])),
+        grpc.RpcError,
+        "",
+    ),
+    Row(
+        "with_call with a request stream that will not serialise",
+        lambda c, s: s.ClientStream.with_call(iter(["hello"]), timeout=LIMIT),
+        grpc.RpcError,
+        "",
     ),
     Row(
         "unknown method (the server's answer)",

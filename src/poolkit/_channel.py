@@ -31,10 +31,11 @@ from ._shell import (
     Pooled,
     Serializer,
     checked_grace,
+    failed_locally,
     slot_options,
 )
 from ._sync_future import RetryingFuture
-from ._sync_retry import RetryingStream, call_general, next_slot, retry_blocking, start_on
+from ._sync_retry import RetryingStream, call_general, end_failed, next_slot, raise_local, retry_blocking, start_on
 from ._sync_watch import DiscoveryThread, HealthThread
 from ._telemetry import Attempt, CallTrace, start_call
 
@@ -362,7 +363,8 @@ class _MultiCallable(MultiCallableBase):
         try:
             result = call.with_call(sent, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as error:
-            pool.end(slot, started if sample_latency else None, error.code())
+            if end_failed(pool, slot, started if sample_latency else None, error, timeout):
+                raise_local(error, timeout)
             return retry_blocking(  # type: ignore[no-any-return]
                 self,
                 error,
@@ -375,19 +377,27 @@ class _MultiCallable(MultiCallableBase):
                 compression,
                 not sample_latency,
             )
-        except BaseException:
-            pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+        except BaseException:  # grpc refused the call's arguments: nothing was sent
+            pool.end_local(slot)
             raise
         pool.end(slot, started if sample_latency else None)
         return result  # type: ignore[no-any-return]
 
-    def _end_call(self, slot: Slot, started: float | None, call_ref: weakref.ref[Any], attempt: Attempt | None) -> None:
+    def _end_call(
+        self, slot: Slot, started: float | None, call_ref: weakref.ref[Any], attempt: Attempt | None, timeout: object
+    ) -> None:
         call = call_ref()
         # A call collected unfinished was cancelled by grpc on the way out.
         code = call.code() if call is not None else grpc.StatusCode.CANCELLED
-        self._pool.end(slot, started, None if code is _OK else code)
+        details = call.details() if call is not None else "dropped unfinished"
+        if code is _OK:
+            self._pool.end(slot, started)
+        elif failed_locally(code, details, timeout):
+            self._pool.end_local(slot)
+        else:
+            self._pool.end(slot, started, code)
         if attempt is not None:
-            attempt.done(code, call.details() if call is not None else "dropped unfinished")
+            attempt.done(code, details)
 
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
@@ -414,7 +424,8 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         try:
             response = call(request, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as error:
-            pool.end(slot, started, error.code())
+            if end_failed(pool, slot, started, error, timeout):
+                raise_local(error, timeout)
             return retry_blocking(
                 self,
                 error,
@@ -427,8 +438,8 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
                 compression,
                 False,
             )
-        except BaseException:
-            pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+        except BaseException:  # grpc refused the call's arguments: nothing was sent
+            pool.end_local(slot)
             raise
         pool.end(slot, started)
         return response

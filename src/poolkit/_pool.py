@@ -375,6 +375,23 @@ class PoolState:
             if self.closed or route.draining:
                 self._idle.notify_all()
 
+    def end_local(self, slot: Slot) -> None:
+        """A call on `slot` failed before its request left this process: the caller's
+        mistake (arguments grpc refused, metadata it would not send, a request that would
+        not serialise, a deadline already past). The slot is released and the call counted
+        as an error of the slot's, but it says nothing of the endpoint: no accrual, no
+        latency sample; a probe that never left is sent again."""
+        with self._lock:
+            slot.pending -= 1
+            slot.calls += 1
+            slot.errors += 1
+            route = slot.route
+            route.metric.pending -= 1
+            if route.probe == _PROBE_SENT:
+                self._open_probe(route)
+            if self.closed or route.draining:
+                self._idle.notify_all()
+
     # -- what the shells report -----------------------------------------------------------
 
     def set_slot_state(self, slot: Slot, state: _Connectivity) -> _Connectivity | None:

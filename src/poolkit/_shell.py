@@ -73,6 +73,24 @@ def validated_options(options: ChannelOptions | None) -> list[tuple[str, Any]]:
     return list(options)
 
 
+# What grpc says of a call it failed itself, before sending anything.
+_LOCAL_DETAILS = frozenset({"Invalid metadata", "Exception serializing request!"})
+_INTERNAL = grpc.StatusCode.INTERNAL
+_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def failed_locally(code: grpc.StatusCode | None, details: str | None, timeout: object) -> bool:
+    """Whether a call that ended with `code` never left this process: grpc refused its
+    metadata or could not serialise its request, or its deadline had passed before it
+    started (a timeout of 0 or less, or NaN). Such a failure is the caller's, not the
+    endpoint's (`PoolState.end_local`)."""
+    if code is _INTERNAL:
+        return details in _LOCAL_DETAILS
+    if code is _DEADLINE_EXCEEDED:
+        return isinstance(timeout, int | float) and not timeout > 0
+    return False
+
+
 def checked_grace(grace: object) -> float | None:
     """`close(grace)`'s grace, refused (naming it) before anything is closed."""
     if grace is None:

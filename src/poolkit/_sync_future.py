@@ -19,7 +19,7 @@ import grpc
 from ._pool import REQUEUE, RETRY, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, resend, with_attempts
-from ._shell import may_send_again, take_again, take_hedge_slot
+from ._shell import failed_locally, may_send_again, take_again, take_hedge_slot
 from ._telemetry import Attempt, CallTrace, invoke
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class RetryingFuture(grpc.Call, _FutureBase):
         self._gate = threading.Lock()
         self._gate.acquire()
         # Attempts not yet ended: future → (slot, start, its telemetry)
-        self._running: dict[Any, tuple[Slot, float, Attempt | None]] = {}
+        self._running: dict[Any, tuple[Slot, float, Attempt | None, float | None]] = {}
         self._final: Any = None  # the attempt that speaks for the call once it is over
         self._cancelled = False
         self._timer: threading.Timer | None = None
@@ -131,13 +131,13 @@ class RetryingFuture(grpc.Call, _FutureBase):
         request = resend(self._request, self._streaming_request)
         try:
             call = invoke(trace, bound.future, request, timeout, metadata, credentials, wait_for_ready, compression)
-        except BaseException:
-            multicallable._pool.end(slot, None, _UNKNOWN)
+        except BaseException:  # grpc refused the call's arguments: nothing was sent
+            multicallable._pool.end_local(slot)
             if attempt is not None:
                 attempt.done(_UNKNOWN, None)
             raise
         with self._lock:
-            self._running[call] = (slot, started, attempt)
+            self._running[call] = (slot, started, attempt, timeout)
             late = self._cancelled or self._final is not None
         if late:  # cancelled (or over) while this attempt was being started
             call.cancel()
@@ -148,17 +148,22 @@ class RetryingFuture(grpc.Call, _FutureBase):
         for a hedge, or go again."""
         code = call.code()
         with self._lock:
-            slot, started, attempt = self._running.pop(call)
-        self._multicallable._pool.end(slot, started if self._sample_latency else None, None if code is _OK else code)
+            slot, started, attempt, timeout = self._running.pop(call)
+        pool = self._multicallable._pool
+        local = code is not _OK and failed_locally(code, call.details(), timeout)
+        if local:  # the caller's mistake: not the endpoint's, and not worth sending again
+            pool.end_local(slot)
+        else:
+            pool.end(slot, started if self._sample_latency else None, None if code is _OK else code)
         if attempt is not None:
             attempt.done(code, call.details())
         with self._lock:
             if self._final is not None:
                 return  # a hedge's loser, or the call is already over
-            if code is not _OK and not self._cancelled and self._running:
+            if code is not _OK and not self._cancelled and not local and self._running:
                 return  # a hedge is still out: it may yet succeed
             others = list(self._running)
-        if code is _OK or self._cancelled:
+        if code is _OK or self._cancelled or local:
             for other in others:
                 other.cancel()
             latency = self._multicallable._plan.latency

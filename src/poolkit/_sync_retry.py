@@ -7,18 +7,20 @@ the start): a call that succeeds first time never comes here.
 from __future__ import annotations
 
 import functools
+import math
 import queue
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
-from ._pool import REQUEUE, RETRY, Slot
+from ._errors import ConfigError
+from ._pool import REQUEUE, RETRY, PoolState, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, replayable, resend, with_attempts
-from ._shell import may_send_again, take_again, take_hedge_slot
+from ._shell import failed_locally, may_send_again, take_again, take_hedge_slot
 from ._telemetry import CallTrace, invoke
 
 if TYPE_CHECKING:
@@ -27,6 +29,25 @@ if TYPE_CHECKING:
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED
 _UNKNOWN = grpc.StatusCode.UNKNOWN
+
+
+def end_failed(pool: PoolState, slot: Slot, started: float | None, error: grpc.RpcError, timeout: object) -> bool:
+    """Report an attempt that failed with `error`; True if it never left this process
+    (the caller's mistake, `failed_locally`): such a call is not sent again."""
+    code = error.code()
+    if failed_locally(code, error.details(), timeout):
+        pool.end_local(slot)
+        return True
+    pool.end(slot, started, code)
+    return False
+
+
+def raise_local(error: grpc.RpcError, timeout: object) -> NoReturn:
+    """Raise what a blocking call that failed in this process raises: grpc's error, unless
+    the timeout was NaN (grpc reports only 'Deadline Exceeded')."""
+    if isinstance(timeout, float) and math.isnan(timeout):
+        raise ConfigError("timeout", timeout, "must be a number of seconds, or None") from error
+    raise error
 
 
 def next_slot(
@@ -66,7 +87,7 @@ def retry_blocking(
 ) -> Any:
     """Send a failed blocking call (`__call__`, or `with_call` by `attribute`) again while
     the plan allows; its result, or the last attempt's error."""
-    if not replayable(request, streaming_request):
+    if not replayable(request, streaming_request) or failed_locally(error.code(), error.details(), None):
         raise error
     while True:
         slot, timeout = next_slot(multicallable, state, error, wait_for_ready)
@@ -111,12 +132,14 @@ def send_on(
     try:
         result = invoke(trace, send, request, timeout, metadata, credentials, wait_for_ready, compression)
     except grpc.RpcError as error:
-        pool.end(slot, started, error.code())
+        local = end_failed(pool, slot, started, error, timeout)
         if attempt is not None:
             attempt.done(error.code(), error.details())
+        if local:
+            raise_local(error, timeout)
         raise
-    except BaseException:
-        pool.end(slot, None, _UNKNOWN)
+    except BaseException:  # grpc refused the call's arguments: nothing was sent
+        pool.end_local(slot)
         if attempt is not None:
             attempt.done(_UNKNOWN, None)
         raise
@@ -147,8 +170,8 @@ def start_on(
     try:
         target = getattr(bound, attribute) if attribute else bound
         call = invoke(trace, target, request, timeout, metadata, credentials, wait_for_ready, compression)
-    except BaseException:
-        multicallable._pool.end(slot, None, grpc.StatusCode.UNKNOWN)
+    except BaseException:  # grpc refused the call's arguments: nothing was sent
+        multicallable._pool.end_local(slot)
         if attempt is not None:
             attempt.done(_UNKNOWN, None)
         raise
@@ -159,7 +182,7 @@ def start_on(
     # add_callback, not add_done_callback: grpc keeps done-callbacks bound to the call
     # object, which would keep an abandoned stream alive (and its slot busy) until the
     # server ends it; a plain callback with a weak reference lets grpc cancel it on collection.
-    end = functools.partial(multicallable._end_call, slot, started, weakref.ref(call), attempt)
+    end = functools.partial(multicallable._end_call, slot, started, weakref.ref(call), attempt, timeout)
     if not call.add_callback(end):
         end()  # already over
     return call
@@ -363,15 +386,20 @@ def _hedge_attempt(
     started = clock()
     try:
         future = invoke(trace, bound.future, *args)
-    except BaseException:
-        pool.end(slot, None, _UNKNOWN)
+    except BaseException:  # grpc refused the call's arguments: nothing was sent
+        pool.end_local(slot)
         if attempt is not None:
             attempt.done(_UNKNOWN, None)
         raise
 
     def done(future: Any) -> None:
         code = future.code()
-        pool.end(slot, started, None if code is _OK else code)
+        if code is _OK:
+            pool.end(slot, started)
+        elif failed_locally(code, future.details(), args[1]):
+            pool.end_local(slot)
+        else:
+            pool.end(slot, started, code)
         if attempt is not None:
             attempt.done(code, future.details())
         finished.put((future, started))
