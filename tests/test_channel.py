@@ -10,6 +10,7 @@ import gc
 import json
 import math
 import os
+import socket
 import threading
 import time
 import weakref
@@ -431,6 +432,26 @@ def drop_channels(target: str) -> None:
         time.sleep(0.03 * round_)  # catch the pollers at different points of their 0.2 s cycle
         del channels, channel
         gc.collect()
+
+
+def test_a_pool_with_no_connection_names_why_each_failed() -> None:
+    """Nothing listens on the port: the pool learns grpc's reason for each failed connect
+    and its own fast error names it."""
+    with socket.socket() as placeholder:  # a port nobody listens on: bound, never listening
+        placeholder.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{placeholder.getsockname()[1]}"
+        config = PoolConfig(health_check=None, retry=None)
+        with poolkit.insecure_channel(target, config=config) as channel:
+            wait_until(
+                lambda: channel.describe()["endpoints"][0]["connect_error"],
+                lambda: f"the pool to learn why the connection failed: {channel.describe()['endpoints']}",
+            )
+            with pytest.raises(PoolkitError) as raised:
+                EchoStub(channel).Unary(REQUEST, timeout=WAIT)
+
+    details = raised.value.details()  # type: ignore[attr-defined]
+    assert f"every endpoint is unavailable ({target} failing to connect: " in details, details
+    assert "Connection refused" in details, details
 
 
 # -- balancing end to end -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import grpc
 
 from ._config import PoolConfig
 from ._errors import ConfigError
-from ._pool import Route, Slot
+from ._pool import PoolState, Route, Slot
 from ._retry import Attempts, replayable, resend, with_attempts
 from ._shell import (
     _PARENTS_OBJECTS,
@@ -44,6 +44,9 @@ _JOIN_TIMEOUT = 2.0
 # grpc's connectivity poller wakes every 0.2 s; one told to stop (and, perhaps, to act on a
 # reconnect request first) is gone within two wake-ups.
 _POLLERS_STOP = 0.5
+# The call that learns why a connection failed (`Channel._ask_why`): a health check.
+_WHY_METHOD = "/grpc.health.v1.Health/Check"
+_WHY_TIMEOUT = 5.0
 # How often close() looks whether the pollers have stopped.
 _POLLERS_LOOK = 0.005
 
@@ -282,9 +285,21 @@ class Channel(Pooled, grpc.Channel):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- poolkit's own -------------------------------------------------------------------
-
     # -- plumbing -------------------------------------------------------------------------
+
+    def _ask_why(self, slot: Slot) -> None:
+        """Learn why `slot`'s connection failed, for the errors that name it: grpc keeps the
+        last connect error (refused, TLS handshake, no local port) to fail calls with, and
+        a call that does not wait for the connection is failed with it at once, without
+        leaving this process. A health check is the call: harmless if it does get through."""
+        if self._pool.closed:
+            return
+        ask = slot.channel.unary_unary(_WHY_METHOD, request_serializer=None, response_deserializer=None)
+        try:
+            answer = ask.future(b"", timeout=_WHY_TIMEOUT, wait_for_ready=False)
+        except ValueError:  # the channel closed meanwhile
+            return
+        answer.add_done_callback(functools.partial(_heard_why, self._pool, slot))
 
     def _on_slot_state(self, slot: Slot, state: grpc.ChannelConnectivity) -> None:
         pool = self._pool
@@ -292,6 +307,8 @@ class Channel(Pooled, grpc.Channel):
         overall = pool.set_slot_state(slot, state)
         if state is grpc.ChannelConnectivity.IDLE and was is grpc.ChannelConnectivity.READY:
             self._reconnect(slot)
+        elif state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            self._ask_why(slot)
         if overall is None:
             return
         with self._lock:
@@ -308,6 +325,11 @@ def _watch(channel_ref: weakref.ref[Channel], slot_ref: weakref.ref[Slot], state
 
 def _ignore(state: grpc.ChannelConnectivity) -> None:
     pass
+
+
+def _heard_why(pool: PoolState, slot: Slot, answer: Any) -> None:
+    if answer.code() is grpc.StatusCode.UNAVAILABLE:
+        pool.note_connect_error(slot, answer.details() or "")
 
 
 def _close_after_pollers(channels: list[grpc.Channel]) -> None:

@@ -108,6 +108,7 @@ class Route:
     __slots__ = (
         "accrual",
         "changes",
+        "connect_error",
         "draining",
         "ejected_until",
         "ejections",
@@ -148,6 +149,9 @@ class Route:
         self.probe = _NO_PROBE
         self.status = HEALTHY
         self.changes: dict[str, int] = {}  # times it entered each status, for telemetry
+        # What grpc said when a connection last failed (a refused connect, a TLS handshake
+        # error), until one is READY again: the reason a failing endpoint is named with.
+        self.connect_error: str | None = None
 
     @property
     def failing(self) -> bool:
@@ -402,6 +406,7 @@ class PoolState:
             was_failing = route.failing
             if state is _READY:
                 slot.failing = False
+                route.connect_error = None
             elif state is _Connectivity.TRANSIENT_FAILURE or state is _Connectivity.SHUTDOWN:
                 slot.failing = True
             route._choose_live()
@@ -416,6 +421,12 @@ class PoolState:
                 return None
             self.connectivity = overall
             return overall
+
+    def note_connect_error(self, slot: Slot, details: str) -> None:
+        """What grpc said of a call refused because `slot`'s connection is failing."""
+        with self._lock:
+            if slot.failing:
+                slot.route.connect_error = details
 
     def set_health(self, route: Route, health: str) -> None:
         """Record what the route's active health check says."""
@@ -622,7 +633,7 @@ def _reason(route: Route, now: float) -> str:
     if status == EJECTED and route.ejected_until is not None:
         return f"ejected for {route.ejected_until - now:.1f} s more"
     if status == FAILING:
-        return "failing to connect"
+        return f"failing to connect: {route.connect_error}" if route.connect_error else "failing to connect"
     if status == UNHEALTHY:
         return "not serving"
     return status
@@ -654,6 +665,7 @@ def _describe_route(route: Route, now: float) -> dict[str, Any]:
         "authority": route.endpoint.authority,
         "weight": route.weight,
         "status": route.status,
+        "connect_error": route.connect_error,
         "health": route.health,
         "ejections": route.ejections,
         "ejected_for_s": round(max(0.0, until - now), 3) if until is not None else None,
