@@ -135,6 +135,7 @@ def test_wheel_holds_the_package_and_nothing_else(built: Built) -> None:
     info = {n.split("/", 1)[1] for n in names - package}
     assert {"METADATA", "WHEEL", "RECORD", "entry_points.txt"} <= info
     licenses = {p.name for p in built.source.glob("LICEN[CS]E*")}
+    assert licenses == {"LICENSE"}  # Apache-2.0, as pyproject's license says
     assert {f"licenses/{name}" for name in licenses} <= info
 
 
