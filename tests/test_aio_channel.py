@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 from _aio_support import BIG_BACKLOG, aio_test, eventually, served, settled, until_served
+from _otel_support import installed
+from opentelemetry.trace import StatusCode
 
 import poolkit
 import poolkit.aio
@@ -145,6 +147,241 @@ async def test_server_errors_are_counted_against_their_endpoint(fresh_servers: E
         for endpoint in channel.describe()["endpoints"]:
             assert endpoint["calls"] == sum(s["calls"] for s in endpoint["slots"])
             assert endpoint["errors"] == sum(s["errors"] for s in endpoint["slots"])
+
+
+# -- a caller's mistakes ---------------------------------------------------------------------
+
+UNARY = "/poolkit.echo.v1.Echo/Unary"
+LIMIT = 5.0
+# Two failures in a row would eject an endpoint, and an idempotent policy would retry a
+# deadline: neither may happen for a call that never left this process.
+STRICT = poolkit.PoolConfig(
+    health_check=None,
+    failure_accrual=poolkit.FailureAccrual(consecutive_failures=2, success_rate=None),
+    retry=poolkit.RetryPolicy(
+        idempotent=True, codes=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+    ),
+)
+
+
+def ejections(channel: poolkit.aio.Channel) -> int:
+    return sum(e["ejections"] for e in channel.describe()["endpoints"])
+
+
+def sent_again(channel: poolkit.aio.Channel) -> int:
+    budget = channel.describe()["retry_budget"]
+    return budget["retries"] + budget["requeues"] + budget["hedges"]  # type: ignore[no-any-return]
+
+
+async def _first(call: Any) -> Any:
+    return await call.read()
+
+
+async def _every(call: Any) -> list[Any]:
+    return [reply async for reply in call]
+
+
+PAST_DEADLINE = {
+    "unary": lambda stub: stub.Unary(EchoRequest(), timeout=-1),
+    "server_stream": lambda stub: _every(stub.ServerStream(EchoRequest(), timeout=-1)),
+}
+
+
+@pytest.mark.parametrize("kind", PAST_DEADLINE)
+@aio_test
+async def test_a_deadline_already_past_is_not_the_endpoints_failure(fresh_servers: EchoServers, kind: str) -> None:
+    """grpc ends such a call DEADLINE_EXCEEDED without sending it (a propagated deadline
+    that ran out, say): an error of the slot's, never the endpoint's, never sent again."""
+    async with poolkit.aio.insecure_channel(fresh_servers.target, config=STRICT) as channel:
+        stub = EchoStub(channel)
+        for _ in range(12):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await PAST_DEADLINE[kind](stub)
+            assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await settled(channel)
+        assert totals(channel) == (12, 12)
+        assert ejections(channel) == 0
+        assert sent_again(channel) == 0
+        assert served(fresh_servers) == 0
+
+
+NOTHING_SENT = {
+    "client_stream list": lambda stub: stub.ClientStream([], timeout=-1),
+    "client_stream iterator": lambda stub: stub.ClientStream(iter([]), timeout=-1),
+    "bidi_stream read": lambda stub: _first(stub.BidiStream([], timeout=-1)),
+    "bidi_stream async for": lambda stub: _every(stub.BidiStream(iter([]), timeout=-1)),
+}
+
+
+@pytest.mark.parametrize("retry", ["default_policy", "retry_none"])
+@pytest.mark.parametrize("shape", NOTHING_SENT)
+@aio_test
+async def test_a_request_stream_that_sent_nothing_past_its_deadline_is_deadline_exceeded(
+    fresh_servers: EchoServers, shape: str, retry: str
+) -> None:
+    """grpc.aio raises asyncio.CancelledError for it, which to asyncio says the caller's
+    own task was cancelled; poolkit.aio raises the DEADLINE_EXCEEDED grpc reports otherwise."""
+    config = poolkit.PoolConfig(health_check=None, retry=None if retry == "retry_none" else poolkit.RetryPolicy())
+    async with poolkit.aio.insecure_channel(fresh_servers.target, config=config) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await asyncio.wait_for(NOTHING_SENT[shape](EchoStub(channel)), LIMIT)
+        assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert raised.value.details() == "Deadline Exceeded"
+        await settled(channel)
+        assert ejections(channel) == 0
+
+
+async def _never_ending() -> AsyncIterator[EchoRequest]:
+    yield EchoRequest(payload=b"x")
+    await asyncio.Event().wait()
+    yield EchoRequest(payload=b"never")  # pragma: no cover - the call is cancelled first
+
+
+@pytest.mark.parametrize("how", ["call.cancel", "task.cancel"])
+@aio_test
+async def test_a_cancelled_request_stream_still_raises_cancelled_error(fresh_servers: EchoServers, how: str) -> None:
+    """Only an expired deadline is turned into DEADLINE_EXCEEDED: a cancel stays a cancel."""
+    async with poolkit.aio.insecure_channel(fresh_servers.target) as channel:
+        call = EchoStub(channel).ClientStream(_never_ending(), timeout=LIMIT)
+        task = asyncio.ensure_future(_awaited(call))
+        await call.wait_for_connection()  # the call is on the wire
+        assert call.cancel() if how == "call.cancel" else task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await settled(channel)
+        assert totals(channel) == (1, 1)
+
+
+async def _awaited(call: Any) -> Any:
+    return await call
+
+
+REFUSED_METADATA = [
+    pytest.param(("Key", "v"), poolkit.ConfigError, "metadata='Key': a metadata key must be lowercase", id="capitals"),
+    pytest.param(("", "v"), poolkit.ConfigError, "metadata=''", id="empty key"),
+    pytest.param(
+        ("x-y", "caf\u00e9"), poolkit.ConfigError, "metadata='x-y': its value must be printable ASCII", id="not ASCII"
+    ),
+    pytest.param(("x-y", "a\nb"), poolkit.ConfigError, "metadata='x-y'", id="a newline"),
+    pytest.param(("x-y", b"\xff"), poolkit.ConfigError, "metadata='x-y'", id="bytes not ASCII"),
+    pytest.param(("x-bin", "text"), TypeError, "'x-bin': Expected bytes", id="-bin text"),
+    pytest.param(("x-y", 1), TypeError, "'x-y': Expected str or bytes, not int", id="a number"),
+    pytest.param("xyz", poolkit.ConfigError, "(key, value) pair", id="not a pair"),
+]
+
+
+@pytest.mark.parametrize("kind", ["unary", "server_stream"])
+@pytest.mark.parametrize(("pair", "error", "says"), REFUSED_METADATA)
+@aio_test
+async def test_metadata_grpc_would_refuse_is_refused_naming_its_key(
+    fresh_servers: EchoServers, kind: str, pair: Any, error: type[Exception], says: str
+) -> None:
+    """grpc.aio would fail a unary call with its internal ExecuteBatchError when awaited
+    (and leave it unfinished, its slot taken), a stream with INTERNAL 'Invalid metadata'."""
+    async with poolkit.aio.insecure_channel(fresh_servers.target) as channel:
+        stub = EchoStub(channel)
+        method = stub.Unary if kind == "unary" else stub.ServerStream
+        with pytest.raises(error) as raised:
+            method(EchoRequest(), timeout=LIMIT, metadata=[pair])
+        assert says in str(raised.value)
+        assert totals(channel) == (0, 0)  # refused before it took a connection
+
+
+@aio_test
+async def test_metadata_grpc_accepts_goes_out(fresh_servers: EchoServers) -> None:
+    accepted = [
+        ("x-text", "printable ~!"),
+        ("x-bytes", b"ascii"),
+        (b"x-key-bytes", "v"),
+        ("x-bin", b"\x00\xff"),
+        ("x.y_z-1", ""),
+    ]
+    async with poolkit.aio.insecure_channel(fresh_servers.target) as channel:
+        stub = EchoStub(channel)
+        reply = await stub.Unary(EchoRequest(), timeout=LIMIT, metadata=accepted)
+        assert reply.metadata["x-text"] == "printable ~!"
+        assert reply.metadata["x-bytes"] == "ascii"
+        assert reply.metadata["x-key-bytes"] == "v"
+        assert reply.metadata["x.y_z-1"] == ""
+        reply = await stub.Unary(EchoRequest(), timeout=LIMIT, metadata=grpc.aio.Metadata(("x-m", "v")))
+        assert reply.metadata["x-m"] == "v"
+        await settled(channel)
+        assert totals(channel) == (2, 0)
+
+
+class RecordRequests(grpc.aio.UnaryUnaryClientInterceptor):
+    """Records the request of every unary call it sees."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        self.requests.append(request)
+        return await continuation(client_call_details, request)
+
+
+UNSERIALISABLE = {
+    "unary": lambda stub: stub.Unary("hello", timeout=LIMIT),
+    "server_stream": lambda stub: stub.ServerStream("hello", timeout=LIMIT),
+}
+
+
+@pytest.mark.parametrize("intercepted", [False, True], ids=["plain", "intercepted"])
+@pytest.mark.parametrize("kind", UNSERIALISABLE)
+@aio_test
+async def test_a_request_that_will_not_serialise_fails_the_call(
+    fresh_servers: EchoServers, kind: str, intercepted: bool
+) -> None:
+    """grpc.aio logs such a request and sends an empty message instead; poolkit.aio fails
+    the call as sync grpc does. Interceptors still see the request message itself."""
+    interceptor = RecordRequests()
+    interceptors = [interceptor] if intercepted else None
+    async with poolkit.aio.insecure_channel(fresh_servers.target, interceptors=interceptors) as channel:
+        stub = EchoStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            UNSERIALISABLE[kind](stub)
+        assert raised.value.code() is grpc.StatusCode.INTERNAL
+        assert raised.value.details() == "Exception serializing request!"
+        assert raised.value.__cause__ is not None  # the serializer's own exception
+        request = EchoRequest(payload=b"x")
+        assert (await stub.Unary(request, timeout=LIMIT)).payload == b"x"
+        await settled(channel)
+        assert totals(channel) == (1, 0)
+        assert served(fresh_servers) == 1
+        assert interceptor.requests == ([request] if intercepted else [])
+
+
+@aio_test
+async def test_an_attempt_grpc_aio_cannot_start_is_released_at_once(fresh_servers: EchoServers) -> None:
+    """A serializer that returns text: grpc.aio's task for the call raises TypeError and
+    leaves the call unfinished, its slot taken, for as long as anything holds it (here,
+    the exception's traceback)."""
+    async with poolkit.aio.insecure_channel(fresh_servers.target, config=STRICT) as channel:
+        method = channel.unary_unary(UNARY, request_serializer=lambda request: "text, not bytes")
+        raised = []
+        for _ in range(3):
+            with pytest.raises(TypeError) as caught:
+                await method(EchoRequest(), timeout=LIMIT)
+            raised.append(caught.value)
+        await settled(channel)
+        assert totals(channel) == (3, 3)
+        assert ejections(channel) == 0
+
+
+@aio_test
+async def test_a_call_grpc_refuses_to_start_ends_its_span(fresh_servers: EchoServers) -> None:
+    with installed() as telemetry:
+        async with poolkit.aio.insecure_channel(fresh_servers.target, config=STRICT) as channel:
+            stub = EchoStub(channel)
+            for _ in range(3):
+                with pytest.raises(TypeError):
+                    stub.Unary(EchoRequest(), timeout="1")
+            await settled(channel)
+            assert totals(channel) == (3, 3)  # the slot's errors, not the endpoint's
+            assert ejections(channel) == 0
+        spans = telemetry.spans("poolkit.echo.v1.Echo/Unary")
+    assert len(spans) == 3
+    assert all(span.status.status_code is StatusCode.ERROR for span in spans)
 
 
 # -- connections -----------------------------------------------------------------------------

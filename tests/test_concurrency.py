@@ -25,12 +25,7 @@ the pool's totals are the calls plus `describe()["retry_budget"]`'s retries and 
 and every retry or requeue follows a failed attempt. What a call "saw" is grpc's own
 status for it: the call object's `code()` (its done-callback's, for asyncio), not the
 exception its caller caught, since a task cancelled just after its call succeeded sees
-`CancelledError` while grpc (and the pool, with retry=None) say OK.
-
-Two asyncio findings are kept as strict xfails, each next to the same test passing with
-retry=None: with the default policy, a task cancelled as its unary call succeeds gets the
-call counted as a CANCELLED error, and a finished unary call held unawaited stays counted
-in flight (`MISCOUNTED_CANCEL`, `STALE_IN_FLIGHT` say why).
+`CancelledError` while grpc (and the pool) say OK.
 
 The servers run in a child process (`spawn_echo_servers`), so their threads do not
 compete with the callers for this process's GIL. `pytest -s` prints the figures.
@@ -677,21 +672,7 @@ async def test_5000_tasks_on_one_aio_channel_account_for_every_call(spawned: Spa
         assert errors == not_ok
 
 
-MISCOUNTED_CANCEL = (
-    "poolkit.aio, default policy: a unary call awaited by a task that is cancelled after "
-    "grpc finished the call OK is counted by the pool as a CANCELLED error. With requeues "
-    "on, `stub.Unary(...)` returns `_UnaryCall`, whose `__await__` settles the slot with "
-    "`_CANCELLED` on any asyncio.CancelledError without asking grpc for the call's status; "
-    "with retry=None grpc's done-callback reports OK, as test_aio_channel's "
-    "`test_cancelling_half_of_many_slow_calls_leaks_nothing` says it should ('poolkit counts "
-    "as errors exactly the calls grpc cancelled')"
-)
-
-
-@pytest.mark.parametrize(
-    "retry",
-    ["retry_none", pytest.param("default_policy", marks=pytest.mark.xfail(strict=True, reason=MISCOUNTED_CANCEL))],
-)
+@pytest.mark.parametrize("retry", ["retry_none", "default_policy"])
 @aio_test
 async def test_a_task_cancelled_as_its_call_succeeds_leaves_the_call_ok(
     spawned: SpawnedEchoServers, retry: str
@@ -719,20 +700,7 @@ async def test_a_task_cancelled_as_its_call_succeeds_leaves_the_call_ok(
         assert slot_totals(channel.describe()) == (len(calls), 0, 0)
 
 
-STALE_IN_FLIGHT = (
-    "poolkit.aio, default policy: a unary call that grpc has finished stays counted in "
-    "flight (describe()['in_flight'], and the load the balancer reads) for as long as its "
-    "caller holds the call object without awaiting it or reading code(): `_UnaryCall` "
-    "reports its first attempt only when awaited, its code() read, cancelled or collected "
-    "(it saves the done-callback per call); with retry=None grpc's done-callback releases "
-    "the slot as the call ends"
-)
-
-
-@pytest.mark.parametrize(
-    "retry",
-    ["retry_none", pytest.param("default_policy", marks=pytest.mark.xfail(strict=True, reason=STALE_IN_FLIGHT))],
-)
+@pytest.mark.parametrize("retry", ["retry_none", "default_policy"])
 @aio_test
 async def test_a_finished_call_held_unawaited_is_not_in_flight(spawned: SpawnedEchoServers, retry: str) -> None:
     config = PoolConfig(retry=None) if retry == "retry_none" else PoolConfig()

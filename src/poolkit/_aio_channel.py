@@ -6,6 +6,11 @@ multicallable, and return grpc's call object (streams behind a thin proxy that
 cancels them when dropped); a done-callback reports the outcome to the core, whichever
 way the call ends (awaited, cancelled, timed out, or a stream left unread). No lock is
 held across an await; nothing is built per call but the callback.
+
+What grpc.aio would misreport is refused before a slot is taken: a NaN timeout,
+metadata grpc would not send, a request that will not serialise (grpc.aio sends an
+empty message instead). A call that fails without leaving this process is the caller's
+failure, not the endpoint's (`PoolState.end_local`), and is never sent again.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import random
+import re
 import time
 import weakref
 from collections.abc import Callable, Generator, Sequence
@@ -36,6 +43,7 @@ from ._shell import (
     Pooled,
     Serializer,
     checked_grace,
+    failed_locally,
     may_send_again,
     slot_options,
     take_again,
@@ -45,7 +53,8 @@ from ._telemetry import Attempt, CallTrace, invoke, start_call
 
 _OK = grpc.StatusCode.OK
 _UNKNOWN = grpc.StatusCode.UNKNOWN
-_CANCELLED = grpc.StatusCode.CANCELLED
+_INTERNAL = grpc.StatusCode.INTERNAL
+_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 Interceptors = Sequence[grpc.aio.ClientInterceptor]
 
 if TYPE_CHECKING:  # grpc-stubs makes the multicallables generic; grpc itself does not
@@ -126,6 +135,9 @@ class Channel(Pooled, grpc.aio.Channel):
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
+        if compression is not None and not isinstance(compression, grpc.Compression):
+            # grpc.aio would take it too and fail on the first call, naming neither.
+            raise ConfigError("compression", compression, "must be None or a grpc.Compression")
         super().__init__(target, config, options, clock, rng)
         self._credentials = credentials
         self._compression = compression
@@ -314,7 +326,7 @@ class Channel(Pooled, grpc.aio.Channel):
 
 
 class _MultiCallable(MultiCallableBase):
-    __slots__ = ("_owner",)
+    __slots__ = ("_owner", "_serialize")
 
     def __init__(
         self,
@@ -327,6 +339,14 @@ class _MultiCallable(MultiCallableBase):
     ) -> None:
         super().__init__(channel, kind, method, request_serializer, response_deserializer, registered)
         self._owner = channel
+        # grpc.aio logs a request its serializer refuses and sends an empty message in its
+        # place, so poolkit serialises a single request itself, before the call starts, and
+        # fails the call instead. grpc then gets the bytes and nothing to do (no second
+        # serialisation), unless the caller's interceptors are on the channel: they are
+        # handed the message, as grpc.aio hands it to them, and grpc serialises it again.
+        self._serialize = None if self._streaming_request else request_serializer
+        if self._serialize is not None and not channel._interceptors:
+            self._serializer = None  # what the slot's grpc multicallable serialises with (`_bind`)
 
     # What a call of this kind does besides starting: whether its duration is a latency
     # sample (unary responses) and whether its caller gets the cancelling stream proxy.
@@ -343,6 +363,13 @@ class _MultiCallable(MultiCallableBase):
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
     ) -> Any:
+        if timeout is not None and isinstance(timeout, float) and math.isnan(timeout):
+            # NaN: grpc would end the call at once as DEADLINE_EXCEEDED, naming neither.
+            raise ConfigError("timeout", timeout, "must be a number of seconds, or None")
+        if metadata is not None:
+            _check_metadata(metadata)
+        if self._serialize is not None:
+            request = self._serialized(request)
         if self._owner._tasks is None:
             self._owner._start_background()
         trace = start_call(self._telemetry, metadata)
@@ -354,15 +381,31 @@ class _MultiCallable(MultiCallableBase):
         if self._special and self._sample_latency:
             return _UnaryCall.special(_Restart(self, started, slot, args))
         call = self._invoke(slot, args, timeout, metadata)
-        if self._sample_latency and self._plan.requeues:
-            # The awaitable reports the outcome itself when awaited: no done-callback per call.
-            return _UnaryCall(call, _Restart(self, started, slot, args), slot)
-        call.add_done_callback(functools.partial(self._end_call, slot, started if self._sample_latency else None))
-        if not self._plan.requeues or not replayable(request, self._streaming_request):
-            return _Stream(call, None) if self._streaming else call
+        call.add_done_callback(
+            functools.partial(self._end_call, slot, started if self._sample_latency else None, timeout)
+        )
+        if self._plan.requeues and replayable(request, self._streaming_request):
+            restart = _Restart(self, started, slot, args)
+            return _Stream(call, restart) if self._streaming else _UnaryCall(call, restart)
         if self._streaming:
-            return _Stream(call, _Restart(self, started, slot, args))
-        return _UnaryCall(call, _Restart(self, started, slot, args), None)
+            return _Stream(call, None)
+        if self._streaming_request:
+            # Never sent again, but awaited through poolkit all the same (`_expired`).
+            return _UnaryCall(call, _Restart(self, started, slot, args, resend=False))
+        return call
+
+    def _serialized(self, request: Any) -> Any:
+        """The request as the slot's grpc multicallable takes it (see `__init__`): its bytes,
+        or the request itself once it is known to serialise."""
+        assert self._serialize is not None
+        try:
+            data = self._serialize(request)
+        except Exception as error:
+            # The status and words sync grpc gives such a call (and `failed_locally` knows).
+            raise grpc.aio.AioRpcError(
+                _INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), "Exception serializing request!", None
+            ) from error
+        return data if self._serializer is None else request
 
     def _begin(self, wait_for_ready: bool | None) -> Slot:
         """The first slot of a call; the pool's refusal as a grpc.aio error."""
@@ -394,18 +437,24 @@ class _MultiCallable(MultiCallableBase):
             trace.give_up(error)
             raise
         args = (request, timeout, metadata, credentials, wait_for_ready, compression)
-        restart = _Restart(self, self._clock(), slot, args, trace)
-        if self._special and self._sample_latency:
-            return _UnaryCall.special(restart)
-        call = self._send(slot, args, timeout, metadata, trace)
+        restart = _Restart(self, self._clock(), slot, args, trace, resend=restartable)
+        try:
+            if self._special and self._sample_latency:
+                return _UnaryCall.special(restart)
+            call = self._send(slot, args, timeout, metadata, trace)
+        except BaseException as error:
+            trace.give_up(error)  # grpc refused to start it: nothing will send it again
+            raise
         if self._streaming:
             return _Stream(call, restart if restartable else None, trace)
-        return _UnaryCall(call, restart, None) if restartable else call
+        # A request stream's call is awaited through poolkit even when never sent again (`_expired`).
+        return _UnaryCall(call, restart) if restartable or self._streaming_request else call
 
     def _invoke(
         self, slot: Slot, args: _Args, timeout: float | None, metadata: Any, attempt: Attempt | None = None
     ) -> Any:
-        """Start one attempt on `slot`; if grpc refuses to start it, the slot is released."""
+        """Start one attempt on `slot`; if grpc refuses to start it (the caller's
+        arguments), the slot is released as the caller's failure, not the endpoint's."""
         request, _, _, credentials, wait_for_ready, compression = args
         bound = slot.callables.get(self._id) or self._bind(slot)
         try:
@@ -420,7 +469,7 @@ class _MultiCallable(MultiCallableBase):
                 compression=compression,
             )
         except BaseException:
-            self._pool.end(slot, None, _UNKNOWN)
+            self._pool.end_local(slot)
             if attempt is not None:
                 attempt.done(_UNKNOWN, None)
             raise
@@ -440,9 +489,9 @@ class _MultiCallable(MultiCallableBase):
         call = self._invoke(slot, args, timeout, metadata, attempt)
         started = self._clock() if self._sample_latency else None
         if attempt is None:
-            call.add_done_callback(functools.partial(self._end_call, slot, started))
+            call.add_done_callback(functools.partial(self._end_call, slot, started, timeout))
         else:
-            call.add_done_callback(functools.partial(self._end_attempt, slot, started, attempt))
+            call.add_done_callback(functools.partial(self._end_attempt, slot, started, timeout, attempt))
         return call
 
     async def _next_call(self, state: Attempts, error: BaseException, args: _Args) -> Any:
@@ -450,6 +499,8 @@ class _MultiCallable(MultiCallableBase):
         plan, the budget, the deadline or the pool says no."""
         if not isinstance(error, grpc.aio.AioRpcError):
             raise error
+        if failed_locally(error.code(), error.details(), args[1]):
+            raise error  # the caller's mistake: it would fail the same way anywhere
         pool, plan, clock = self._pool, self._plan, self._clock
         delay = plan.decide(state, error, clock())
         if delay is None:
@@ -467,14 +518,69 @@ class _MultiCallable(MultiCallableBase):
             raise error
         return self._send(slot, args, timeout, with_attempts(args[2], state.previous), state.trace)
 
-    def _end_call(self, slot: Slot, started: float | None, call: Any) -> None:
+    def _end_call(self, slot: Slot, started: float | None, timeout: float | None, call: Any) -> None:
         code = _finished(call.code(), _UNKNOWN)
-        self._pool.end(slot, started, None if code is _OK else code)
+        if code is _OK:
+            self._pool.end(slot, started)
+        else:
+            self._end_failed(slot, started, timeout, code, _finished(call.details(), None))
 
-    def _end_attempt(self, slot: Slot, started: float | None, attempt: Attempt, call: Any) -> None:
+    def _end_attempt(
+        self, slot: Slot, started: float | None, timeout: float | None, attempt: Attempt, call: Any
+    ) -> None:
         code = _finished(call.code(), _UNKNOWN)
-        self._pool.end(slot, started, None if code is _OK else code)
-        attempt.done(code, _finished(call.details(), None))
+        details = _finished(call.details(), None)
+        if code is _OK:
+            self._pool.end(slot, started)
+        else:
+            self._end_failed(slot, started, timeout, code, details)
+        attempt.done(code, details)
+
+    def _end_failed(
+        self, slot: Slot, started: float | None, timeout: float | None, code: grpc.StatusCode, details: str | None
+    ) -> None:
+        """An attempt on `slot` failed: the endpoint's failure, unless it never left this
+        process (grpc refused it or its deadline had passed before it began)."""
+        if failed_locally(code, details, timeout):
+            self._pool.end_local(slot)
+        else:
+            self._pool.end(slot, started, code)
+
+
+def _check_metadata(metadata: Any) -> None:
+    """Refuse, naming the key, metadata grpc would refuse: for a unary call grpc.aio raises
+    its internal ExecuteBatchError (or a TypeError) when the call is awaited, and leaves
+    the call unfinished, its slot taken, until it is collected."""
+    for pair in metadata:
+        try:
+            key, value = pair
+        except (TypeError, ValueError):
+            raise ConfigError("metadata", pair, "each item must be a (key, value) pair") from None
+        text = key.decode("latin-1") if isinstance(key, bytes) else key
+        if not isinstance(text, str):
+            raise TypeError(f"metadata key {key!r}: Expected str or bytes, not {type(key).__name__}")
+        if _METADATA_KEY.match(text) is None:
+            raise ConfigError("metadata", key, _BAD_KEY)
+        if text.endswith("-bin"):
+            if not isinstance(value, bytes):
+                raise TypeError(f"metadata value of {key!r}: Expected bytes (a '-bin' key), not {type(value).__name__}")
+        elif isinstance(value, str):
+            if not (value.isascii() and value.isprintable()):
+                raise ConfigError("metadata", key, _BAD_VALUE)
+        elif isinstance(value, bytes):
+            if _METADATA_VALUE.match(value) is None:
+                raise ConfigError("metadata", key, _BAD_VALUE)
+        else:
+            raise TypeError(f"metadata value of {key!r}: Expected str or bytes, not {type(value).__name__}")
+
+
+# What grpc core accepts in metadata (HTTP/2 header names are lowercase): a key of
+# lowercase letters, digits, '-', '_' and '.'; a value of printable ASCII unless its key
+# ends in '-bin' (any bytes, sent base64-encoded).
+_METADATA_KEY = re.compile(r"[-._0-9a-z]+\Z")
+_METADATA_VALUE = re.compile(rb"[\x20-\x7e]*\Z")
+_BAD_KEY = "a metadata key must be lowercase letters, digits, '-', '_' or '.' (gRPC refuses others)"
+_BAD_VALUE = "its value must be printable ASCII; other bytes need a key ending in '-bin'"
 
 
 def _finished(coroutine: Any, otherwise: Any) -> Any:
@@ -496,40 +602,24 @@ _Args = tuple[Any, float | None, Any, grpc.CallCredentials | None, bool | None, 
 class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
     """A unary-response call that may be sent again: awaiting it awaits the current
     attempt, and on a failure the plan allows, the next one. Everything else is the
-    current attempt's (grpc's call object)."""
+    current attempt's (grpc's call object).
 
-    __slots__ = ("_call", "_hedge_after", "_restart", "_slot")
+    Every attempt's outcome reaches the pool through grpc's done-callback, as grpc
+    reports it, whatever the caller does with this object: a task cancelled just after
+    its call succeeded leaves the call OK, and a finished call held unawaited is not in
+    flight."""
 
-    def __init__(self, call: Any, restart: _Restart, slot: Slot | None) -> None:
+    __slots__ = ("_call", "_hedge_after", "_restart")
+
+    def __init__(self, call: Any, restart: _Restart) -> None:
         self._call = call
         self._restart = restart
         self._hedge_after: float | None = None
-        # The first attempt's slot while this object owes the pool its outcome: it is
-        # reported when the call is awaited, its status read, it is cancelled or dropped.
-        # None when grpc's done-callback reports it instead (as for every later attempt).
-        self._slot = slot
-
-    def _settle(self, code: grpc.StatusCode | None) -> None:
-        slot = self._slot
-        if slot is not None:
-            self._slot = None
-            self._restart.multicallable._pool.end(slot, self._restart.started, code)
 
     def __del__(self) -> None:
         trace = self._restart.trace
         if trace is not None:
             trace.no_more()  # dropped: its attempt's end is the call's
-        slot = self._slot
-        if slot is None:
-            return
-        # Never awaited: report the outcome whenever grpc has one.
-        self._slot = None
-        end = functools.partial(self._restart.multicallable._end_call, slot, self._restart.started)
-        call = self._call
-        if call.done():
-            end(call)
-        else:
-            call.add_done_callback(end)
 
     @classmethod
     def special(cls, restart: _Restart) -> _UnaryCall:
@@ -547,25 +637,25 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
             restart.trace,
             hedge_after is not None,
         )
-        self = cls(call, restart, None)
+        self = cls(call, restart)
         self._hedge_after = hedge_after
         return self
 
     def __await__(self) -> Generator[Any, None, Any]:
         if self._hedge_after is not None:
             return (yield from self._hedged().__await__())
+        call = self._call
         try:
-            response = yield from self._call.__await__()
+            response = yield from call.__await__()
         except grpc.aio.AioRpcError as error:
-            self._settle(error.code())
             return (yield from self._again(error).__await__())
-        except asyncio.CancelledError:
-            self._settle(_CANCELLED)
+        except asyncio.CancelledError as cancelled:
+            if _expired(call):
+                raise _deadline_exceeded() from cancelled
             raise
-        except BaseException:
-            self._settle(_UNKNOWN)
+        except Exception:
+            _abandon(call)
             raise
-        self._settle(None)
         multicallable = self._restart.multicallable
         if multicallable._plan.latency is not None:
             multicallable._plan.latency.add(multicallable._clock() - self._restart.started)
@@ -578,6 +668,13 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
                 return await call
             except grpc.aio.AioRpcError as failure:
                 error = failure
+            except asyncio.CancelledError as cancelled:
+                if _expired(call):
+                    raise _deadline_exceeded() from cancelled
+                raise
+            except Exception:
+                _abandon(call)
+                raise
 
     async def _hedged(self) -> Any:
         restart = self._restart
@@ -621,9 +718,7 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         return await self._call.trailing_metadata()
 
     async def code(self) -> grpc.StatusCode:
-        code: grpc.StatusCode = await self._call.code()
-        self._settle(None if code is _OK else code)
-        return code
+        return await self._call.code()  # type: ignore[no-any-return]
 
     async def details(self) -> str:
         return await self._call.details()  # type: ignore[no-any-return]
@@ -647,16 +742,40 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         return self._call.time_remaining()  # type: ignore[no-any-return]
 
     def cancel(self) -> bool:
-        if not self._call.cancel():
-            return False
-        self._settle(_CANCELLED)
-        return True
+        return self._call.cancel()  # type: ignore[no-any-return]
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         self._call.add_done_callback(callback)
 
     def __repr__(self) -> str:
         return repr(self._call)
+
+
+def _expired(call: Any) -> bool:
+    """Whether a CancelledError out of `call` is its deadline, not a cancel: grpc.aio
+    raises one, rather than DEADLINE_EXCEEDED, when a request stream that has sent
+    nothing meets a deadline already past. It is, if the caller's own task is not being
+    cancelled and the call's deadline has passed."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return False
+    try:
+        remaining = call.time_remaining()
+    except NotImplementedError:  # an intercepted call cannot say
+        return False
+    return remaining is not None and remaining <= 0
+
+
+def _deadline_exceeded() -> grpc.aio.AioRpcError:
+    """The error grpc.aio gives a call whose deadline has passed."""
+    return grpc.aio.AioRpcError(_DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "Deadline Exceeded", None)
+
+
+def _abandon(call: Any) -> None:
+    """An attempt raised what is not a grpc status (grpc.aio's task for it failed): grpc
+    would never end it, nor its done-callback release its slot, until it is collected.
+    Cancelling it ends it now (CANCELLED, which says nothing against the endpoint)."""
+    call.cancel()
 
 
 async def _outcome(call: Any) -> tuple[Any, BaseException | None]:
@@ -669,12 +788,20 @@ async def _outcome(call: Any) -> tuple[Any, BaseException | None]:
 
 class _Restart:
     """What a call needs to be sent again: its method, start, first slot, arguments,
-    and (made on its first failure) its retry record."""
+    and (made on its first failure) its retry record. With `resend` False, the call is
+    never sent again (a request stream that cannot be replayed, or no retry policy)."""
 
-    __slots__ = ("args", "multicallable", "slot", "started", "state", "trace")
+    __slots__ = ("args", "multicallable", "resend", "slot", "started", "state", "trace")
 
     def __init__(
-        self, multicallable: _MultiCallable, started: float, slot: Slot, args: _Args, trace: CallTrace | None = None
+        self,
+        multicallable: _MultiCallable,
+        started: float,
+        slot: Slot,
+        args: _Args,
+        trace: CallTrace | None = None,
+        *,
+        resend: bool = True,
     ) -> None:
         self.multicallable = multicallable
         self.started = started
@@ -682,8 +809,11 @@ class _Restart:
         self.args = args
         self.state: Attempts | None = None
         self.trace = trace
+        self.resend = resend
 
     async def next_call(self, error: BaseException) -> Any:
+        if not self.resend:
+            raise error
         if self.state is None:
             self.state = self.multicallable._plan.first(self.started, self.args[1], self.slot.route)
             self.state.trace = self.trace
@@ -794,15 +924,20 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
         return _Messages(self, self._call.__aiter__())
 
     async def read(self) -> Any:
-        while self._restart is not None:
-            try:
-                message = await self._call.read()
-            except grpc.aio.AioRpcError as error:
-                self._call = await self._restart.next_call(error)
-                continue
-            self._received()
-            return message
-        return await self._call.read()
+        try:
+            while self._restart is not None:
+                try:
+                    message = await self._call.read()
+                except grpc.aio.AioRpcError as error:
+                    self._call = await self._restart.next_call(error)
+                    continue
+                self._received()
+                return message
+            return await self._call.read()
+        except asyncio.CancelledError as cancelled:
+            if _expired(self._call):
+                raise _deadline_exceeded() from cancelled
+            raise
 
     async def write(self, request: Any) -> None:
         await self._call.write(request)
@@ -845,32 +980,42 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
 
 
 class _Messages:
-    """The response iterator of a `_Stream`; holding the stream keeps the call open."""
+    """The response iterator of a `_Stream`; holding the stream keeps the call open.
+    Once a message has come, each next one is grpc's iterator's, untouched."""
 
-    __slots__ = ("_iterator", "_stream")
+    __slots__ = ("_iterator", "_started", "_stream")
 
     def __init__(self, stream: _Stream, iterator: Any) -> None:
         self._stream = stream
         self._iterator = iterator
+        self._started = False
 
     def __aiter__(self) -> _Messages:
         return self
 
     def __anext__(self) -> Any:
-        if self._stream._restart is None:
+        if self._started:
             return self._iterator.__anext__()
         return self._first()
 
     async def _first(self) -> Any:
-        """The first message, sending the call again while the plan allows."""
+        """The first message, sending the call again while the plan allows (and a
+        deadline that grpc.aio reports as a cancellation, as the DEADLINE_EXCEEDED it is)."""
         stream = self._stream
-        while stream._restart is not None:
-            try:
-                message = await self._iterator.__anext__()
-            except grpc.aio.AioRpcError as error:
-                stream._call = await stream._restart.next_call(error)
-                self._iterator = stream._call.__aiter__()
-                continue
-            stream._received()
-            return message
-        return await self._iterator.__anext__()
+        try:
+            while True:
+                try:
+                    message = await self._iterator.__anext__()
+                    break
+                except grpc.aio.AioRpcError as error:
+                    if stream._restart is None:
+                        raise
+                    stream._call = await stream._restart.next_call(error)
+                    self._iterator = stream._call.__aiter__()
+        except asyncio.CancelledError as cancelled:
+            if _expired(stream._call):
+                raise _deadline_exceeded() from cancelled
+            raise
+        stream._received()
+        self._started = True
+        return message
