@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -574,3 +575,24 @@ def test_secure_channel_wants_grpc_credentials() -> None:
         poolkit.aio.secure_channel("ipv4:127.0.0.1:1", "not credentials")
     assert isinstance(raised.value, ValueError)
     assert "credentials" in str(raised.value)
+
+
+@aio_test
+async def test_a_pool_with_no_connection_names_why_each_failed() -> None:
+    """As the sync channel: nothing listens on the port, and the pool's own fast error
+    names grpc's reason for each failed connect."""
+    with socket.socket() as placeholder:  # bound, never listening: connects are refused
+        placeholder.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{placeholder.getsockname()[1]}"
+        config = poolkit.PoolConfig(health_check=None, retry=None)
+        async with poolkit.aio.insecure_channel(target, config=config) as channel:
+            await eventually(
+                lambda: channel.describe()["endpoints"][0]["connect_error"],
+                lambda: f"the pool to learn why the connection failed: {channel.describe()['endpoints']}",
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await EchoStub(channel).Unary(EchoRequest(payload=b"x"), timeout=5)
+
+    details = raised.value.details() or ""
+    assert f"every endpoint is unavailable ({target} failing to connect: " in details, details
+    assert "Connection refused" in details, details

@@ -651,14 +651,6 @@ def test_a_tls_mistake_fails_fast_with_details_that_say_why(
     assert sum(s.calls for s in servers) == 0  # no handler ever ran
 
 
-AIO_REASON_LOST = (
-    "poolkit.aio bug: once the pool has seen every connection fail, calls fail with "
-    "'poolkit channel to ...: every endpoint is unavailable (127.0.0.1:P failing to connect, ...)' "
-    "and grpc's reason (the certificate error) is lost: the asyncio shell does not yet ask grpc "
-    "why a connection failed"
-)
-
-
 @pytest.mark.parametrize("mistake", MISTAKES.values(), ids=MISTAKES.keys())
 def test_the_reason_for_a_tls_failure_survives_once_the_pool_knows(
     tls_echo: Callable[..., EchoServers],
@@ -666,12 +658,9 @@ def test_the_reason_for_a_tls_failure_survives_once_the_pool_knows(
     stranger: trustme.CA,
     client: Client,
     mistake: Mistake,
-    request: pytest.FixtureRequest,
 ) -> None:
     """Once every connection has failed, calls fail at once with the pool's own error,
     which names each endpoint with grpc's reason (here the certificate's)."""
-    if client.kind == "aio":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=AIO_REASON_LOST))
     server_creds, channel_creds = misconfigured(mistake, authority, stranger)
     servers = tls_echo(2, server_creds)
     client.open(targets([s.port for s in servers]), channel_creds, RETRYING)

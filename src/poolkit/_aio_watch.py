@@ -18,9 +18,14 @@ from grpc_health.v1 import health_pb2_grpc
 from . import _health
 from ._config import HealthCheck
 from ._pool import PoolState, Route, Slot
+from ._shell import WHY_METHOD, WHY_TIMEOUT
 
 _IDLE = grpc.ChannelConnectivity.IDLE
 _READY = grpc.ChannelConnectivity.READY
+_TRANSIENT_FAILURE = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+# The calls asking why a connection failed, kept until they end (a grpc.aio call that is
+# collected is cancelled).
+_ASKING: set[asyncio.Task[None]] = set()
 
 
 async def follow_connectivity(pool: PoolState, slot: Slot, try_to_connect: bool) -> None:
@@ -34,8 +39,25 @@ async def follow_connectivity(pool: PoolState, slot: Slot, try_to_connect: bool)
         if state is _IDLE and was is _READY:
             state = channel.get_state(try_to_connect=True)
             continue
+        if state is _TRANSIENT_FAILURE:
+            asking = asyncio.get_running_loop().create_task(ask_why(pool, slot, channel))
+            _ASKING.add(asking)
+            asking.add_done_callback(_ASKING.discard)
         await channel.wait_for_state_change(state)
         state = channel.get_state()
+
+
+async def ask_why(pool: PoolState, slot: Slot, channel: grpc.aio.Channel) -> None:
+    """Learn why `slot`'s connection failed, for the errors that name it (the sync
+    shell's `Channel._ask_why`): a call that does not wait is failed with it at once."""
+    ask = channel.unary_unary(WHY_METHOD, request_serializer=None, response_deserializer=None)
+    try:
+        await ask(b"", timeout=WHY_TIMEOUT, wait_for_ready=False)
+    except grpc.aio.AioRpcError as error:
+        if error.code() is grpc.StatusCode.UNAVAILABLE:
+            pool.note_connect_error(slot, error.details() or "")
+    except grpc.aio.UsageError:  # the channel closed meanwhile
+        pass
 
 
 async def check_health(

@@ -25,6 +25,8 @@ from ._pool import PoolState, Route, Slot
 from ._retry import Attempts, replayable, resend, with_attempts
 from ._shell import (
     _PARENTS_OBJECTS,
+    WHY_METHOD,
+    WHY_TIMEOUT,
     ChannelOptions,
     Deserializer,
     MultiCallableBase,
@@ -44,9 +46,6 @@ _JOIN_TIMEOUT = 2.0
 # grpc's connectivity poller wakes every 0.2 s; one told to stop (and, perhaps, to act on a
 # reconnect request first) is gone within two wake-ups.
 _POLLERS_STOP = 0.5
-# The call that learns why a connection failed (`Channel._ask_why`): a health check.
-_WHY_METHOD = "/grpc.health.v1.Health/Check"
-_WHY_TIMEOUT = 5.0
 # How often close() looks whether the pollers have stopped.
 _POLLERS_LOOK = 0.005
 
@@ -294,9 +293,9 @@ class Channel(Pooled, grpc.Channel):
         leaving this process. A health check is the call: harmless if it does get through."""
         if self._pool.closed:
             return
-        ask = slot.channel.unary_unary(_WHY_METHOD, request_serializer=None, response_deserializer=None)
+        ask = slot.channel.unary_unary(WHY_METHOD, request_serializer=None, response_deserializer=None)
         try:
-            answer = ask.future(b"", timeout=_WHY_TIMEOUT, wait_for_ready=False)
+            answer = ask.future(b"", timeout=WHY_TIMEOUT, wait_for_ready=False)
         except ValueError:  # the channel closed meanwhile
             return
         answer.add_done_callback(functools.partial(_heard_why, self._pool, slot))

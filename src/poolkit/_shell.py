@@ -73,6 +73,12 @@ def validated_options(options: ChannelOptions | None) -> list[tuple[str, Any]]:
     return list(options)
 
 
+# The call that learns why a connection failed: grpc fails a call that does not wait for
+# the connection at once with its last connect error. A health check, harmless if it
+# does get through.
+WHY_METHOD = "/grpc.health.v1.Health/Check"
+WHY_TIMEOUT = 5.0
+
 # What grpc says of a call it failed itself, before sending anything.
 _LOCAL_DETAILS = frozenset({"Invalid metadata", "Exception serializing request!"})
 _INTERNAL = grpc.StatusCode.INTERNAL
