@@ -1,9 +1,8 @@
 """The soak run (benchmarks/soak.py) in CI, and its checks on figures made up to fail them.
 
-CI runs 60,000 calls, not the script's default 100,000: on the 2-core machine CI uses,
-100,000 calls (plus the 10,000-call warm-up) take about 87 s, 60,000 (plus 6,000) about
-52 s, and 70,000 would be at the minute. One sample every 10,000 calls, so the second
-half's RSS slope is fitted over 4 samples (30,000 calls).
+CI runs the script's default, 100,000 calls (plus a 10,000-call warm-up): about 85 s on
+the 2-core machine CI uses. One sample every 10,000 calls, so the second half's RSS
+slope is fitted over 6 samples (50,000 calls).
 
 The figures checked here are the ones the script prints and writes: the table's rows
 (one per sample), the deltas from the first sample to the last, every check passing,
@@ -25,9 +24,9 @@ from types import ModuleType
 import pytest
 
 SOAK = Path(__file__).resolve().parent.parent / "benchmarks" / "soak.py"
-CALLS = 60_000
+CALLS = 100_000
 SAMPLE_EVERY = 10_000
-RUN_LIMIT = 150.0  # the run takes ~52 s here; a hang is cut off well before pytest's own limit
+RUN_LIMIT = 240.0  # the run takes ~85 s here; a hang is cut off well before pytest's own limit
 
 
 def soak_module() -> ModuleType:
@@ -46,7 +45,7 @@ def soak_module() -> ModuleType:
 
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_LIMIT + 30)
-def test_sixty_thousand_calls_leave_nothing_behind(tmp_path: Path) -> None:
+def test_a_hundred_thousand_calls_leave_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     started = time.monotonic()
     run = subprocess.run(
@@ -93,7 +92,7 @@ def test_sixty_thousand_calls_leave_nothing_behind(tmp_path: Path) -> None:
     assert first["connections"] == first["slots"] == 6  # 3 servers x 1, sync and aio
     assert all(sample["in_flight"] == 0 for sample in samples)
     assert (last["rss_kb"] - first["rss_kb"]) / 1024 <= 20
-    assert result["rss_second_half_mb"] <= 2.0
+    assert result["rss_second_half_mb"] <= 2.0  # the floor; 0.24-0.33 MB measured
     outcomes = result["outcomes"]["all"]
     assert sum(outcomes.values()) == CALLS
     assert 0.035 * CALLS < outcomes["failed"] < 0.065 * CALLS  # ~5 %
