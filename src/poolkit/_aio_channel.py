@@ -43,6 +43,7 @@ from ._shell import (
     Pooled,
     Serializer,
     checked_grace,
+    end_failed,
     failed_locally,
     may_send_again,
     slot_options,
@@ -523,7 +524,7 @@ class _MultiCallable(MultiCallableBase):
         if code is _OK:
             self._pool.end(slot, started)
         else:
-            self._end_failed(slot, started, timeout, code, _finished(call.details(), None))
+            end_failed(self._pool, slot, started, code, _finished(call.details(), None), timeout)
 
     def _end_attempt(
         self, slot: Slot, started: float | None, timeout: float | None, attempt: Attempt, call: Any
@@ -533,18 +534,8 @@ class _MultiCallable(MultiCallableBase):
         if code is _OK:
             self._pool.end(slot, started)
         else:
-            self._end_failed(slot, started, timeout, code, details)
+            end_failed(self._pool, slot, started, code, details, timeout)
         attempt.done(code, details)
-
-    def _end_failed(
-        self, slot: Slot, started: float | None, timeout: float | None, code: grpc.StatusCode, details: str | None
-    ) -> None:
-        """An attempt on `slot` failed: the endpoint's failure, unless it never left this
-        process (grpc refused it or its deadline had passed before it began)."""
-        if failed_locally(code, details, timeout):
-            self._pool.end_local(slot)
-        else:
-            self._pool.end(slot, started, code)
 
 
 def _check_metadata(metadata: Any) -> None:

@@ -33,11 +33,11 @@ from ._shell import (
     Pooled,
     Serializer,
     checked_grace,
-    failed_locally,
+    end_failed,
     slot_options,
 )
 from ._sync_future import RetryingFuture
-from ._sync_retry import RetryingStream, call_general, end_failed, next_slot, raise_local, retry_blocking, start_on
+from ._sync_retry import RetryingStream, call_general, next_slot, raise_local, retry_blocking, start_on
 from ._sync_watch import DiscoveryThread, HealthThread
 from ._telemetry import Attempt, CallTrace, start_call
 
@@ -384,7 +384,7 @@ class _MultiCallable(MultiCallableBase):
         try:
             result = call.with_call(sent, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as error:
-            if end_failed(pool, slot, started if sample_latency else None, error, timeout):
+            if end_failed(pool, slot, started if sample_latency else None, error.code(), error.details(), timeout):
                 raise_local(error, timeout)
             return retry_blocking(  # type: ignore[no-any-return]
                 self,
@@ -410,13 +410,13 @@ class _MultiCallable(MultiCallableBase):
         call = call_ref()
         # A call collected unfinished was cancelled by grpc on the way out.
         code = call.code() if call is not None else grpc.StatusCode.CANCELLED
-        details = call.details() if call is not None else "dropped unfinished"
         if code is _OK:
             self._pool.end(slot, started)
-        elif failed_locally(code, details, timeout):
-            self._pool.end_local(slot)
-        else:
-            self._pool.end(slot, started, code)
+            if attempt is not None:
+                attempt.done(code, None)
+            return
+        details = call.details() if call is not None else "dropped unfinished"
+        end_failed(self._pool, slot, started, code, details, timeout)
         if attempt is not None:
             attempt.done(code, details)
 
@@ -445,7 +445,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         try:
             response = call(request, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as error:
-            if end_failed(pool, slot, started, error, timeout):
+            if end_failed(pool, slot, started, error.code(), error.details(), timeout):
                 raise_local(error, timeout)
             return retry_blocking(
                 self,

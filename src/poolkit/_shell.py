@@ -97,6 +97,19 @@ def failed_locally(code: grpc.StatusCode | None, details: str | None, timeout: o
     return False
 
 
+def end_failed(
+    pool: PoolState, slot: Slot, started: float | None, code: grpc.StatusCode, details: str | None, timeout: object
+) -> bool:
+    """Report an attempt on `slot` that failed with `code`: the endpoint's failure, unless
+    it never left this process (`failed_locally`); then True, the caller's mistake, not
+    to be sent again."""
+    if failed_locally(code, details, timeout):
+        pool.end_local(slot)
+        return True
+    pool.end(slot, started, code)
+    return False
+
+
 def checked_grace(grace: object) -> float | None:
     """`close(grace)`'s grace, refused (naming it) before anything is closed."""
     if grace is None:

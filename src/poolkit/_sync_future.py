@@ -19,7 +19,7 @@ import grpc
 from ._pool import REQUEUE, RETRY, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, resend, with_attempts
-from ._shell import failed_locally, may_send_again, take_again, take_hedge_slot
+from ._shell import end_failed, may_send_again, take_again, take_hedge_slot
 from ._telemetry import Attempt, CallTrace, invoke
 
 if TYPE_CHECKING:
@@ -149,14 +149,14 @@ class RetryingFuture(grpc.Call, _FutureBase):
         code = call.code()
         with self._lock:
             slot, started, attempt, timeout = self._running.pop(call)
-        pool = self._multicallable._pool
-        local = code is not _OK and failed_locally(code, call.details(), timeout)
-        if local:  # the caller's mistake: not the endpoint's, and not worth sending again
-            pool.end_local(slot)
-        else:
-            pool.end(slot, started if self._sample_latency else None, None if code is _OK else code)
+        pool, sample = self._multicallable._pool, started if self._sample_latency else None
+        details = None if code is _OK else call.details()
+        # A caller's mistake (`end_failed` says) is not the endpoint's, nor worth sending again.
+        local = code is not _OK and end_failed(pool, slot, sample, code, details, timeout)
+        if code is _OK:
+            pool.end(slot, sample)
         if attempt is not None:
-            attempt.done(code, call.details())
+            attempt.done(code, details)
         with self._lock:
             if self._final is not None:
                 return  # a hedge's loser, or the call is already over

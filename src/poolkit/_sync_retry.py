@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 
 from ._errors import ConfigError
-from ._pool import REQUEUE, RETRY, PoolState, Slot
+from ._pool import REQUEUE, RETRY, Slot
 from ._retry import REQUEUE as REQUEUE_NOW
 from ._retry import Attempts, replayable, resend, with_attempts
-from ._shell import failed_locally, may_send_again, take_again, take_hedge_slot
+from ._shell import end_failed, failed_locally, may_send_again, take_again, take_hedge_slot
 from ._telemetry import CallTrace, invoke
 
 if TYPE_CHECKING:
@@ -29,17 +29,6 @@ if TYPE_CHECKING:
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED
 _UNKNOWN = grpc.StatusCode.UNKNOWN
-
-
-def end_failed(pool: PoolState, slot: Slot, started: float | None, error: grpc.RpcError, timeout: object) -> bool:
-    """Report an attempt that failed with `error`; True if it never left this process
-    (the caller's mistake, `failed_locally`): such a call is not sent again."""
-    code = error.code()
-    if failed_locally(code, error.details(), timeout):
-        pool.end_local(slot)
-        return True
-    pool.end(slot, started, code)
-    return False
 
 
 def raise_local(error: grpc.RpcError, timeout: object) -> NoReturn:
@@ -132,7 +121,7 @@ def send_on(
     try:
         result = invoke(trace, send, request, timeout, metadata, credentials, wait_for_ready, compression)
     except grpc.RpcError as error:
-        local = end_failed(pool, slot, started, error, timeout)
+        local = end_failed(pool, slot, started, error.code(), error.details(), timeout)
         if attempt is not None:
             attempt.done(error.code(), error.details())
         if local:
@@ -396,10 +385,8 @@ def _hedge_attempt(
         code = future.code()
         if code is _OK:
             pool.end(slot, started)
-        elif failed_locally(code, future.details(), args[1]):
-            pool.end_local(slot)
         else:
-            pool.end(slot, started, code)
+            end_failed(pool, slot, started, code, future.details(), args[1])
         if attempt is not None:
             attempt.done(code, future.details())
         finished.put((future, started))
