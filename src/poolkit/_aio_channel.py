@@ -364,7 +364,7 @@ class _MultiCallable(MultiCallableBase):
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
     ) -> Any:
-        if timeout is not None and isinstance(timeout, float) and math.isnan(timeout):
+        if isinstance(timeout, float) and math.isnan(timeout):
             # NaN: grpc would end the call at once as DEADLINE_EXCEEDED, naming neither.
             raise ConfigError("timeout", timeout, "must be a number of seconds, or None")
         if metadata is not None:
