@@ -18,7 +18,8 @@ import pytest
 from _support import wait_until
 
 import poolkit
-from poolkit import PoolUnavailableError, _demo, _load
+from poolkit import PoolUnavailableError, _demo
+from poolkit import _demo_traffic as _load
 from poolkit.__main__ import build_parser, main
 from poolkit.testing import EchoRequest, EchoStub, StatsResponse
 

@@ -43,7 +43,7 @@ from poolkit import (
     _health,
 )
 from poolkit._budget import TokenBudget
-from poolkit._pool import _NO_PROBE, _PROBE_SENT, DRAINING, HEDGE, REQUEUE, RETRY, PoolState, Route, Slot
+from poolkit._pool import _NO_PROBE, _PROBE_SENT, DRAINING, PoolState, Resend, Route, Slot
 from poolkit._target import Endpoint
 
 DETERMINISTIC = settings(derandomize=True, database=None, deadline=None, max_examples=60)
@@ -305,7 +305,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.ended = 0
         self.calls: list[float] = []  # when the budget was paid into (every begin on an open pool)
         self.granted: list[float] = []  # when a retry, requeue or hedge was let through
-        self.by_kind = {RETRY: 0, REQUEUE: 0, HEDGE: 0}
+        self.by_kind = dict.fromkeys(Resend, 0)
         self.refused = 0
 
     @initialize(setup=pool_setups(), connected=st.booleans())
@@ -354,7 +354,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(
         wait_for_ready=st.booleans(),
-        kind=st.sampled_from([RETRY, REQUEUE, HEDGE]),
+        kind=st.sampled_from(list(Resend)),
         tried=st.sets(st.integers(0, 20), max_size=3),
         fresh_only=st.booleans(),
     )

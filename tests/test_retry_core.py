@@ -1,9 +1,13 @@
-"""The pure core of retries: the retry configuration, the decisions of `_retry.Plan`
-(requeue, retry, backoff, pushback, deadlines, attempt timeouts), the latency window
-behind hedging, and the pool's retry bookkeeping (budget, routes not yet tried).
+"""The pure core of retries: the retry configuration, the retry decisions (requeue, retry,
+backoff, pushback, deadlines, attempt timeouts) as the call state machine (`_call.Call`)
+makes them with a method's `_retry.Plan`, the latency window behind hedging, and the
+pool's retry bookkeeping (budget, routes not yet tried).
 
-A fake clock and seeded random sources drive them: no sockets, no servers, no sleeps.
-Errors are a small `grpc.RpcError` subclass carrying a code, details and trailers.
+A fake clock, a real `PoolState` over fake endpoints and seeded random sources drive
+them: no sockets, no servers, no sleeps. A `Caller` plays the blocking shell: it starts
+one call, fails its attempts with the codes, details and trailers a test gives, waits
+out each backoff on the fake clock and reports what the call decided. The state
+machine's own behaviour, branch by branch, is pinned in test_call_core.py.
 """
 
 from __future__ import annotations
@@ -19,24 +23,18 @@ from typing import Any
 import grpc
 import pytest
 from _support import FakeClock
+from tenacity import RetryCallState
 
 from poolkit import ConfigError, Hedging, PoolClosedError, PoolConfig, PoolUnavailableError, RetryBudget, RetryPolicy
-from poolkit._pool import HEDGE, PoolState, Route
-from poolkit._pool import REQUEUE as REQUEUE_KIND
-from poolkit._pool import RETRY as RETRY_KIND
+from poolkit._call import Attempt, Call, Method, Step
+from poolkit._pool import PoolState, Resend, Route
 from poolkit._retry import (
     ATTEMPTS_HEADER,
-    ATTEMPTS_USED,
-    DEADLINE,
     MAX_REQUEUES,
-    NO_REQUEUE,
-    NOT_RETRYABLE,
-    PUSHBACK,
     PUSHBACK_HEADER,
-    REQUEUE,
-    Attempts,
     LatencyWindow,
     Plan,
+    StopReason,
     never_sent,
     pushback_of,
     with_attempts,
@@ -49,7 +47,14 @@ DEADLINE_EXCEEDED = Code.DEADLINE_EXCEEDED
 RESOURCE_EXHAUSTED = Code.RESOURCE_EXHAUSTED
 TRANSIENT_FAILURE = grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
+NOT_RETRYABLE = StopReason.NOT_RETRYABLE
+ATTEMPTS_USED = StopReason.ATTEMPTS_USED
+DEADLINE = StopReason.DEADLINE
+PUSHBACK = StopReason.PUSHBACK
+NO_REQUEUE = StopReason.NO_REQUEUE
+
 T0 = 1000.0  # where every fake clock starts
+REQUEST = b"request"
 
 # What grpc says when a call never left: no connection, or a stream refused after a graceful GOAWAY.
 CONNECT_FAILED = (
@@ -61,29 +66,19 @@ SOCKET_CLOSED = "Socket closed"
 CONNECTION_RESET = "Connection reset by peer"
 GOAWAY_ENHANCE_YOUR_CALM = "Stream removed (GOAWAY received; Error code: 11; Debug Text: too_many_pings)"
 
-
-class FakeRpcError(grpc.RpcError):
-    """An attempt's failure as grpc raises it: a code, details and trailing metadata."""
-
-    def __init__(self, code: grpc.StatusCode, details: str = "", trailing: Sequence[tuple[str, Any]] = ()) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-        self._trailing = tuple(trailing)
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> Any:
-        return self._trailing
+# What `Caller.fail` answers for a requeue: the call went again at once, with no backoff.
+REQUEUED = "requeued"
 
 
-def failure(code: grpc.StatusCode = UNAVAILABLE, details: str = SOCKET_CLOSED, pushback: Any = None) -> FakeRpcError:
-    """A failed attempt; with `pushback`, the server's grpc-retry-pushback-ms value."""
-    return FakeRpcError(code, details, () if pushback is None else ((PUSHBACK_HEADER, pushback),))
+def endpoint(n: int) -> Endpoint:
+    return Endpoint(f"10.0.0.{n}", 50051, f"10.0.0.{n}:50051")
+
+
+def new_pool(clock: FakeClock, rng: random.Random, routes: int = 4, **config: Any) -> PoolState:
+    """A pool with neither health checks nor failure accrual: every route stays in rotation."""
+    config = {"health_check": None, "failure_accrual": None, **config}
+    endpoints = [endpoint(n) for n in range(1, routes + 1)]
+    return PoolState("ipv4:test", endpoints, PoolConfig(**config), clock=clock, rng=rng)
 
 
 def idempotent(**fields: Any) -> RetryPolicy:
@@ -94,20 +89,81 @@ def plan_of(policy: RetryPolicy | None, seed: int = 1) -> Plan:
     return Plan(policy, random.Random(seed))
 
 
-def retry_delays(plan: Plan, attempts: int, duration: float = 0.01) -> list[float | None]:
-    """Fail `attempts` attempts of one call in a row (each taking `duration`), following
-    every delay the plan asks for; the plan's answer after each failure."""
-    now = T0
-    state = plan.first(now, None, None)
-    answers: list[float | None] = []
+class Caller:
+    """One unary-unary call driven through `_call.Call` the way the blocking shell drives
+    it, on a fake clock starting at T0 and a fresh pool of four routes (whose default
+    budget, 100 retries in reserve, never refuses here)."""
+
+    def __init__(
+        self, policy: RetryPolicy | None, timeout: float | None = None, *, seed: int = 1, metadata: Any = None
+    ) -> None:
+        self.clock = FakeClock(T0)
+        self.pool = new_pool(self.clock, random.Random(seed))
+        self.plan = plan_of(policy, seed)
+        method = Method(self.pool, self.plan, unary_response=True, streaming_request=False)
+        self.call = Call(method, REQUEST, timeout, metadata, None, None, None)
+        assert self.call.start() is Step.SEND
+
+    @property
+    def attempt(self) -> Attempt:
+        """The attempt in flight (the last one sent)."""
+        attempt = self.call.sending
+        assert attempt is not None
+        return attempt
+
+    def fail(
+        self, at: float, code: grpc.StatusCode = UNAVAILABLE, details: str = SOCKET_CLOSED, pushback: Any = None
+    ) -> float | str | None:
+        """The attempt in flight fails at clock time `at` (with `pushback`, the server's
+        grpc-retry-pushback-ms): the call's answer, as the old `Plan.decide` gave it: the
+        backoff before the retry, REQUEUED (sent again at once), or None (the call is over)."""
+        assert at >= self.clock.now
+        self.clock.now = at
+        trailing = () if pushback is None else ((PUSHBACK_HEADER, pushback),)
+        self.call.ended(self.attempt, code, details, trailing)
+        step = self.call.next()
+        if step is Step.FINISH:
+            assert self.call.over
+            return None
+        if step is Step.SEND:
+            return REQUEUED
+        assert step is Step.WAIT
+        assert self.call.timer is not None
+        assert self.pool.in_flight == 0  # no slot is held through a backoff
+        return self.call.timer
+
+    def wait_out(self) -> Attempt:
+        """The backoff runs out on the fake clock: the retry is sent."""
+        timer = self.call.timer
+        assert timer is not None
+        self.clock.advance(timer)
+        assert self.call.timer_fired() is Step.SEND
+        return self.attempt
+
+    @property
+    def previous(self) -> int:
+        """Attempts before the one in flight, requeues not counted: what the header says."""
+        record = self.call.retry
+        return 0 if record is None else record.attempt_number - 1
+
+    def header(self) -> str | None:
+        """The grpc-previous-rpc-attempts value the attempt in flight is sent with, if any."""
+        values = [v for k, v in self.call.attempt_metadata(self.attempt) or () if k == ATTEMPTS_HEADER]
+        assert len(values) <= 1
+        return values[0] if values else None
+
+
+def retry_delays(policy: RetryPolicy, attempts: int, duration: float = 0.01, seed: int = 1) -> list[float | str | None]:
+    """Fail `attempts` attempts of one call in a row (each taking `duration`), waiting out
+    every backoff the call asks for; the call's answer after each failure."""
+    caller = Caller(policy, seed=seed)
+    answers: list[float | str | None] = []
     for _ in range(attempts):
-        now += duration
-        delay = plan.decide(state, failure(), now)
+        delay = caller.fail(caller.clock.now + duration)
         answers.append(delay)
         if delay is None:
             break
-        now += delay
-        plan.next_timeout(state, delay, now)
+        caller.wait_out()
     return answers
 
 
@@ -462,136 +518,143 @@ def test_with_attempts_without_metadata(metadata: Any) -> None:
     assert list(with_attempts(metadata, 1)) == [(ATTEMPTS_HEADER, "1")]
 
 
-# -- Plan: a method that is not idempotent (the default policy) -------------------------------------------
+# -- A method that is not idempotent (the default policy) ---------------------------------------------
 
 
 def test_non_idempotent_server_failure_is_not_retried() -> None:
     """UNAVAILABLE after the server may have seen the call: a non-idempotent method gives up."""
-    plan = plan_of(RetryPolicy())
-    state = plan.first(T0, 5.0, None)
-    assert plan.decide(state, failure(UNAVAILABLE, SOCKET_CLOSED), T0 + 0.01) is None
-    assert state.stopped == NOT_RETRYABLE
-    assert state.requeues == 0
+    caller = Caller(RetryPolicy(), 5.0)
+    assert caller.fail(T0 + 0.01, UNAVAILABLE, SOCKET_CLOSED) is None
+    assert caller.call.stopped is NOT_RETRYABLE
+    assert caller.call.requeues == 0
+    assert caller.call.final is caller.attempt
+    assert caller.pool.sent_again == dict.fromkeys(Resend, 0)
 
 
 @pytest.mark.parametrize("code", [DEADLINE_EXCEEDED, Code.INTERNAL, Code.UNKNOWN, RESOURCE_EXHAUSTED, Code.CANCELLED])
 def test_non_idempotent_never_retries_any_code(code: grpc.StatusCode) -> None:
-    """Even codes listed in the policy are not retried unless the method is idempotent."""
-    plan = plan_of(RetryPolicy(codes=frozenset({code})))
-    state = plan.first(T0, None, None)
-    assert plan.decide(state, failure(code), T0 + 0.01) is None
-    assert state.stopped == NOT_RETRYABLE
+    """Even codes listed in the policy are not retried unless the method is idempotent.
+    (A CANCELLED attempt is the caller's cancel: it ends the call as it ends, before the
+    plan is asked, so no stop reason is recorded.)"""
+    caller = Caller(RetryPolicy(codes=frozenset({code})))
+    assert caller.fail(T0 + 0.01, code) is None
+    assert caller.call.stopped is (None if code is Code.CANCELLED else NOT_RETRYABLE)
 
 
 @pytest.mark.parametrize("details", [CONNECT_FAILED, GOAWAY_GRACEFUL])
 def test_never_sent_is_requeued_and_not_counted_as_an_attempt(details: str) -> None:
     """A call that never left is sent again at once; the next attempt is still the first."""
-    plan = plan_of(RetryPolicy())
-    state = plan.first(T0, 5.0, None)
-    assert plan.decide(state, failure(UNAVAILABLE, details), T0 + 0.25) == REQUEUE
-    assert state.requeues == 1
-    assert plan.next_timeout(state, REQUEUE, T0 + 0.25) == 4.75
-    assert (state.previous, state.attempt_number, state.attempt_started) == (0, 1, T0 + 0.25)
-    assert state.idle_for == 0
+    caller = Caller(RetryPolicy(), 5.0)
+    first = caller.attempt
+    assert caller.fail(T0 + 0.25, UNAVAILABLE, details) == REQUEUED
+    requeued = caller.attempt
+    assert requeued is not first
+    assert caller.call.requeues == 1
+    assert (requeued.timeout, requeued.started) == (4.75, T0 + 0.25)
+    assert (caller.previous, caller.header()) == (0, None)
+    assert caller.call.retry is None  # no retry record: nothing was counted, no backoff idled
 
-    assert plan.decide(state, failure(UNAVAILABLE, details), T0 + 0.5) == REQUEUE
-    plan.next_timeout(state, REQUEUE, T0 + 0.5)
-    assert (state.requeues, state.previous) == (2, 0)
-    assert state.stopped == ""
+    assert caller.fail(T0 + 0.5, UNAVAILABLE, details) == REQUEUED
+    assert (caller.call.requeues, caller.previous, caller.header()) == (2, 0, None)
+    assert caller.call.stopped is None
+    assert caller.pool.sent_again[Resend.REQUEUE] == 2
+    assert caller.pool.in_flight == 1
 
 
 def test_requeues_stop_after_max_requeues() -> None:
     """A call is requeued MAX_REQUEUES times; the next never-sent failure is final."""
-    plan = plan_of(RetryPolicy())
-    state = plan.first(T0, None, None)
-    now = T0
+    caller = Caller(RetryPolicy())
     answers = []
     for _ in range(MAX_REQUEUES + 3):
-        now += 0.001
-        answers.append(plan.decide(state, failure(UNAVAILABLE, CONNECT_FAILED), now))
+        answers.append(caller.fail(caller.clock.now + 0.001, UNAVAILABLE, CONNECT_FAILED))
         if answers[-1] is None:
             break
-        plan.next_timeout(state, REQUEUE, now)
     assert MAX_REQUEUES == 25
-    assert answers == [REQUEUE] * MAX_REQUEUES + [None]
-    assert state.requeues == MAX_REQUEUES
-    assert state.stopped == NO_REQUEUE
-    assert state.previous == 0
+    assert answers == [REQUEUED] * MAX_REQUEUES + [None]
+    assert caller.call.requeues == MAX_REQUEUES
+    assert caller.call.stopped is NO_REQUEUE
+    assert caller.previous == 0
+    assert caller.call.attempts == MAX_REQUEUES + 1
+    assert caller.pool.in_flight == 0
 
 
 @pytest.mark.parametrize(
     ("elapsed", "expected", "stopped"),
-    [(0.999, REQUEUE, ""), (1.0, None, DEADLINE), (1.5, None, DEADLINE)],
+    [(0.999, REQUEUED, None), (1.0, None, DEADLINE), (1.5, None, DEADLINE)],
 )
-def test_requeue_stops_at_the_deadline(elapsed: float, expected: float | None, stopped: str) -> None:
+def test_requeue_stops_at_the_deadline(elapsed: float, expected: str | None, stopped: StopReason | None) -> None:
     """No requeue once the caller's deadline has come."""
-    plan = plan_of(RetryPolicy())
-    state = plan.first(T0, 1.0, None)
-    assert plan.decide(state, failure(UNAVAILABLE, CONNECT_FAILED), T0 + elapsed) == expected
-    assert state.stopped == stopped
+    caller = Caller(RetryPolicy(), 1.0)
+    assert caller.fail(T0 + elapsed, UNAVAILABLE, CONNECT_FAILED) == expected
+    assert caller.call.stopped is stopped
 
 
 def test_requeue_without_a_deadline_never_stops_for_time() -> None:
-    plan = plan_of(RetryPolicy())
-    state = plan.first(T0, None, None)
-    assert plan.decide(state, failure(UNAVAILABLE, CONNECT_FAILED), T0 + 1e6) == REQUEUE
+    caller = Caller(RetryPolicy())
+    assert caller.fail(T0 + 1e6, UNAVAILABLE, CONNECT_FAILED) == REQUEUED
+    assert caller.attempt.timeout is None
 
 
 def test_no_policy_means_no_requeue() -> None:
-    """retry=None switches requeues off too: a never-sent failure is final, as is any other."""
+    """retry=None switches requeues off too: a never-sent failure is final, as is any other.
+    The call ends as its attempt ends, before any plan is asked: no stop reason is recorded."""
     plan = plan_of(PoolConfig(retry=None).retry_policy("/pkg.Svc/Get"))
-    assert (plan.requeues, plan.max_attempts, plan.attempt_timeout, plan.hedge_delay()) == (False, 1, None, None)
-    state = plan.first(T0, 5.0, None)
-    assert plan.decide(state, failure(UNAVAILABLE, CONNECT_FAILED), T0 + 0.01) is None
-    assert state.stopped == NOT_RETRYABLE
-    assert state.requeues == 0
-    state = plan.first(T0, 5.0, None)
-    assert plan.decide(state, failure(UNAVAILABLE, SOCKET_CLOSED), T0 + 0.01) is None
-    assert state.stopped == NOT_RETRYABLE
+    assert (plan.requeues, plan.attempt_timeout, plan.hedge_delay(), plan.latency) == (False, None, None, None)
+    assert plan.attempts_used(RetryCallState(plan.retrying, None, (), {}))  # one attempt in all
+    assert not plan.retryable(UNAVAILABLE, False)
+    assert not plan.retryable(DEADLINE_EXCEEDED, True)
+    for details in (CONNECT_FAILED, SOCKET_CLOSED):
+        caller = Caller(None, 5.0)
+        assert caller.fail(T0 + 0.01, UNAVAILABLE, details) is None
+        assert (caller.call.stopped, caller.call.requeues, caller.call.retry) == (None, 0, None)
+        assert caller.pool.sent_again == dict.fromkeys(Resend, 0)
+        assert caller.pool.budget_refused == 0
 
 
-def test_first_records_the_call() -> None:
-    """`first` notes the start, the caller's deadline and the route of the first attempt."""
-    route = object()
-    state = plan_of(RetryPolicy()).first(T0, 2.5, route)  # type: ignore[arg-type]
-    assert isinstance(state, Attempts)
-    assert (state.start_time, state.deadline, state.tried, state.attempt_started) == (T0, T0 + 2.5, {route}, T0)
-    assert (state.previous, state.requeues, state.stopped) == (0, 0, "")
-    assert plan_of(RetryPolicy()).first(T0, None, None).deadline is None
-    assert plan_of(RetryPolicy()).first(T0, None, None).tried == set()
+def test_start_records_the_call() -> None:
+    """`start` notes the start and the caller's deadline and sends the first attempt on a
+    route of the pool; the routes tried are noted only once the call goes again."""
+    caller = Caller(RetryPolicy(), 2.5)
+    call, first = caller.call, caller.attempt
+    assert (call.started, call.remaining(), first.started, first.number) == (T0, 2.5, T0, 1)
+    assert first.route in caller.pool.routes
+    assert (call.attempts, call.requeues, call.stopped, call.retry, call.tried) == (1, 0, None, None, None)
+    assert Caller(RetryPolicy()).call.remaining() is None
+    caller.fail(T0 + 0.5, UNAVAILABLE, CONNECT_FAILED)
+    assert call.tried == {first.route, caller.attempt.route}
+    assert caller.attempt.route is not first.route
+    assert call.remaining() == 2.0
 
 
-# -- Plan: idempotent methods --------------------------------------------------------------------------
+# -- Idempotent methods --------------------------------------------------------------------------------
 
 RETRIED_CODES = frozenset({UNAVAILABLE, RESOURCE_EXHAUSTED})
 
 
 @pytest.mark.parametrize("code", [c for c in Code if c is not Code.OK], ids=lambda c: c.name)
 def test_idempotent_retries_exactly_its_codes(code: grpc.StatusCode) -> None:
-    """An idempotent method is retried on the policy's codes and on nothing else."""
-    plan = plan_of(idempotent(codes=RETRIED_CODES, jitter=0.0))
-    state = plan.first(T0, None, None)
-    delay = plan.decide(state, failure(code, "boom"), T0 + 0.01)
+    """An idempotent method is retried on the policy's codes and on nothing else (a
+    CANCELLED attempt is the caller's cancel: never retried, no stop reason recorded)."""
+    caller = Caller(idempotent(codes=RETRIED_CODES, jitter=0.0))
+    delay = caller.fail(T0 + 0.01, code, "boom")
     if code in RETRIED_CODES:
         assert delay == 0.1
-        assert state.stopped == ""
+        assert caller.call.stopped is None
     else:
         assert delay is None
-        assert state.stopped == NOT_RETRYABLE
+        assert caller.call.stopped is (None if code is Code.CANCELLED else NOT_RETRYABLE)
 
 
 def test_idempotent_never_sent_is_a_requeue_not_a_retry() -> None:
     """For an idempotent method too, a call that never left is requeued at once, uncounted."""
-    plan = plan_of(idempotent())
-    state = plan.first(T0, None, None)
-    assert plan.decide(state, failure(UNAVAILABLE, CONNECT_FAILED), T0 + 0.01) == REQUEUE
-    plan.next_timeout(state, REQUEUE, T0 + 0.01)
-    assert (state.requeues, state.previous) == (1, 0)
-    delay = plan.decide(state, failure(UNAVAILABLE, SOCKET_CLOSED), T0 + 0.02)
-    assert delay is not None
+    caller = Caller(idempotent())
+    assert caller.fail(T0 + 0.01, UNAVAILABLE, CONNECT_FAILED) == REQUEUED
+    assert (caller.call.requeues, caller.previous, caller.header()) == (1, 0, None)
+    delay = caller.fail(T0 + 0.02, UNAVAILABLE, SOCKET_CLOSED)
+    assert isinstance(delay, float)
     assert delay > 0
-    plan.next_timeout(state, delay, T0 + 0.02 + delay)
-    assert (state.requeues, state.previous) == (1, 1)
+    caller.wait_out()
+    assert (caller.call.requeues, caller.previous, caller.header()) == (1, 1, "1")
 
 
 @pytest.mark.parametrize(
@@ -605,8 +668,7 @@ def test_idempotent_never_sent_is_a_requeue_not_a_retry() -> None:
 )
 def test_backoff_without_jitter_is_exact(fields: dict[str, Any], expected: list[float]) -> None:
     """With jitter 0, the n-th retry waits initial × multiplier^(n-1), capped at max_backoff."""
-    plan = plan_of(idempotent(jitter=0.0, max_attempts=10, **fields))
-    delays = retry_delays(plan, len(expected))
+    delays = retry_delays(idempotent(jitter=0.0, max_attempts=10, **fields), len(expected))
     assert delays == pytest.approx(expected, rel=1e-12, abs=0)
     if not fields:
         assert delays == expected  # powers of two times 0.1 are exact in binary
@@ -618,10 +680,9 @@ def test_backoff_jitter_stays_within_bounds_and_uses_them() -> None:
     expected = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
     by_retry: list[list[float]] = [[] for _ in expected]
     for seed in range(300):
-        delays = retry_delays(plan_of(idempotent(max_attempts=8), seed), len(expected))
-        assert None not in delays
+        delays = retry_delays(idempotent(max_attempts=8), len(expected), seed=seed)
         for retry, delay in enumerate(delays):
-            assert delay is not None
+            assert isinstance(delay, float)
             by_retry[retry].append(delay)
     for base, seen in zip(expected, by_retry, strict=True):
         assert base * 0.8 <= min(seen) < base * 0.82
@@ -631,138 +692,122 @@ def test_backoff_jitter_stays_within_bounds_and_uses_them() -> None:
 
 def test_same_seed_same_delays() -> None:
     """The jitter comes from the rng it is given: a seed replays the same schedule."""
-    assert retry_delays(plan_of(idempotent(max_attempts=6), 7), 5) == retry_delays(
-        plan_of(idempotent(max_attempts=6), 7), 5
-    )
-    assert retry_delays(plan_of(idempotent(max_attempts=6), 7), 5) != retry_delays(
-        plan_of(idempotent(max_attempts=6), 8), 5
-    )
+    policy = idempotent(max_attempts=6)
+    assert retry_delays(policy, 5, seed=7) == retry_delays(policy, 5, seed=7)
+    assert retry_delays(policy, 5, seed=7) != retry_delays(policy, 5, seed=8)
 
 
 @pytest.mark.parametrize("max_attempts", [1, 2, 3, 5, 10])
 def test_max_attempts_counts_every_attempt(max_attempts: int) -> None:
     """max_attempts attempts in all: max_attempts - 1 retries, then the call stops."""
-    plan = plan_of(idempotent(max_attempts=max_attempts, jitter=0.0))
-    now = T0
-    state = plan.first(now, None, None)
+    caller = Caller(idempotent(max_attempts=max_attempts, jitter=0.0))
     retries = 0
-    while (delay := plan.decide(state, failure(), now + 0.01)) is not None:
+    while caller.fail(caller.clock.now + 0.01) is not None:
         retries += 1
-        now += 0.01 + delay
-        plan.next_timeout(state, delay, now)
-        assert state.previous == retries
+        caller.wait_out()
+        assert (caller.previous, caller.header()) == (retries, str(retries))
         assert retries < 20
     assert retries == max_attempts - 1
-    assert state.stopped == ATTEMPTS_USED
-    assert state.attempt_number == max_attempts
+    assert caller.call.stopped is ATTEMPTS_USED
+    assert caller.call.attempts == max_attempts
+    assert caller.previous == max_attempts - 1
 
 
 def test_requeues_do_not_use_up_attempts() -> None:
     """Requeues between retries leave the attempt count, and so max_attempts, alone."""
-    plan = plan_of(idempotent(max_attempts=2, jitter=0.0))
-    state = plan.first(T0, None, None)
+    caller = Caller(idempotent(max_attempts=2, jitter=0.0))
     for _ in range(3):
-        assert plan.decide(state, failure(UNAVAILABLE, CONNECT_FAILED), T0) == REQUEUE
-        plan.next_timeout(state, REQUEUE, T0)
-    assert plan.decide(state, failure(), T0 + 0.01) == 0.1
-    plan.next_timeout(state, 0.1, T0 + 0.11)
-    assert plan.decide(state, failure(UNAVAILABLE, GOAWAY_GRACEFUL), T0 + 0.12) == REQUEUE
-    plan.next_timeout(state, REQUEUE, T0 + 0.12)
-    assert plan.decide(state, failure(), T0 + 0.13) is None
-    assert state.stopped == ATTEMPTS_USED
-    assert (state.requeues, state.previous) == (4, 1)
+        assert caller.fail(T0, UNAVAILABLE, CONNECT_FAILED) == REQUEUED
+    assert caller.fail(T0 + 0.01) == 0.1
+    caller.wait_out()
+    assert caller.fail(T0 + 0.12, UNAVAILABLE, GOAWAY_GRACEFUL) == REQUEUED
+    assert caller.header() == "1"  # a requeue of the retry: one attempt went before it
+    assert caller.fail(T0 + 0.13) is None
+    assert caller.call.stopped is ATTEMPTS_USED
+    assert (caller.call.requeues, caller.previous) == (4, 1)
 
 
 @pytest.mark.parametrize(
     ("duration", "expected", "stopped"),
     [
         # deadline T0 + 1, backoff 0.5: retry iff failure time + 0.5 + the attempt's duration < deadline.
-        (0.125, 0.5, ""),  # 0.125 + 0.5 + 0.125 = 0.75
-        (0.2, 0.5, ""),  # 0.9
+        (0.125, 0.5, None),  # 0.125 + 0.5 + 0.125 = 0.75
+        (0.2, 0.5, None),  # 0.9
         (0.25, None, DEADLINE),  # exactly 1.0: it could not finish in time
         (0.3, None, DEADLINE),  # 1.1
     ],
 )
 def test_a_retry_that_cannot_finish_before_the_deadline_is_not_started(
-    duration: float, expected: float | None, stopped: str
+    duration: float, expected: float | None, stopped: StopReason | None
 ) -> None:
     """The next attempt is judged to take as long as the last: it is sent only if, after
     its backoff, it would finish before the caller's deadline."""
-    plan = plan_of(idempotent(initial_backoff=0.5, max_backoff=1.0, jitter=0.0))
-    state = plan.first(T0, 1.0, None)
-    assert plan.decide(state, failure(), T0 + duration) == expected
-    assert state.stopped == stopped
+    caller = Caller(idempotent(initial_backoff=0.5, max_backoff=1.0, jitter=0.0), 1.0)
+    assert caller.fail(T0 + duration) == expected
+    assert caller.call.stopped is stopped
 
 
 def test_deadline_judged_on_the_latest_attempt() -> None:
     """The second retry's backoff is longer: what fit once no longer fits."""
-    plan = plan_of(idempotent(initial_backoff=0.25, max_backoff=1.0, jitter=0.0))
-    state = plan.first(T0, 1.0, None)
-    assert plan.decide(state, failure(), T0 + 0.125) == 0.25  # 0.125 + 0.25 + 0.125 = 0.5
-    assert plan.next_timeout(state, 0.25, T0 + 0.375) == 0.625
+    caller = Caller(idempotent(initial_backoff=0.25, max_backoff=1.0, jitter=0.0), 1.0)
+    assert caller.fail(T0 + 0.125) == 0.25  # 0.125 + 0.25 + 0.125 = 0.5
+    retry = caller.wait_out()
+    assert (retry.started, retry.timeout) == (T0 + 0.375, 0.625)
     # The second attempt fails after 0.125 at 0.5: 0.5 + 0.5 + 0.125 = 1.125 > 1.
-    assert plan.decide(state, failure(), T0 + 0.5) is None
-    assert state.stopped == DEADLINE
-    assert state.previous == 1
+    assert caller.fail(T0 + 0.5) is None
+    assert caller.call.stopped is DEADLINE
+    assert caller.previous == 1
 
 
 def test_the_stop_reason_prefers_attempts_used() -> None:
     """When the attempts are used and the deadline is near too, the attempts are the reason."""
-    plan = plan_of(idempotent(max_attempts=1, jitter=0.0))
-    state = plan.first(T0, 0.05, None)
-    assert plan.decide(state, failure(), T0 + 0.04) is None
-    assert state.stopped == ATTEMPTS_USED
+    caller = Caller(idempotent(max_attempts=1, jitter=0.0), 0.05)
+    assert caller.fail(T0 + 0.04) is None
+    assert caller.call.stopped is ATTEMPTS_USED
 
 
 @pytest.mark.parametrize(("value", "expected"), [("250", 0.25), ("0", 0.0), (b"40", 0.04), ("3000", 3.0)])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_pushback_replaces_the_backoff_exactly(value: Any, expected: float, seed: int) -> None:
     """The server's pushback is the delay, with no jitter; the next retry without one backs off again."""
-    plan = plan_of(idempotent(max_attempts=5), seed)
-    state = plan.first(T0, None, None)
-    assert plan.decide(state, failure(pushback=value), T0 + 0.01) == expected
-    assert state.pushback == expected
-    now = T0 + 0.01 + expected
-    plan.next_timeout(state, expected, now)
-    delay = plan.decide(state, failure(), now + 0.01)
-    assert delay is not None
+    caller = Caller(idempotent(max_attempts=5), seed=seed)
+    assert caller.fail(T0 + 0.01, pushback=value) == expected
+    caller.wait_out()
+    assert caller.attempt.started == T0 + 0.01 + expected
+    delay = caller.fail(caller.clock.now + 0.01)
+    assert isinstance(delay, float)
     assert 0.2 * 0.8 <= delay <= 0.2 * 1.2
-    assert state.pushback is None
 
 
 def test_pushback_still_obeys_the_deadline_and_max_attempts() -> None:
     """A pushback past the caller's deadline stops the call; so does the last attempt."""
-    plan = plan_of(idempotent())
-    state = plan.first(T0, 1.0, None)
-    assert plan.decide(state, failure(pushback="2000"), T0 + 0.01) is None
-    assert state.stopped == DEADLINE
+    caller = Caller(idempotent(), 1.0)
+    assert caller.fail(T0 + 0.01, pushback="2000") is None
+    assert caller.call.stopped is DEADLINE
 
-    plan = plan_of(idempotent(max_attempts=2))
-    state = plan.first(T0, None, None)
-    assert plan.decide(state, failure(pushback="10"), T0 + 0.01) == 0.01
-    plan.next_timeout(state, 0.01, T0 + 0.02)
-    assert plan.decide(state, failure(pushback="10"), T0 + 0.03) is None
-    assert state.stopped == ATTEMPTS_USED
+    caller = Caller(idempotent(max_attempts=2))
+    assert caller.fail(T0 + 0.01, pushback="10") == 0.01
+    caller.wait_out()
+    assert caller.fail(T0 + 0.03, pushback="10") is None
+    assert caller.call.stopped is ATTEMPTS_USED
 
 
 @pytest.mark.parametrize("value", ["-1", "", "1.5", "abc", b"-100"])
 def test_malformed_pushback_stops(value: Any) -> None:
     """A negative or malformed pushback means "do not retry" (gRPC A6)."""
-    plan = plan_of(idempotent())
-    state = plan.first(T0, None, None)
-    assert plan.decide(state, failure(pushback=value), T0 + 0.01) is None
-    assert state.stopped == PUSHBACK
+    caller = Caller(idempotent())
+    assert caller.fail(T0 + 0.01, pushback=value) is None
+    assert caller.call.stopped is PUSHBACK
 
 
 def test_pushback_on_a_code_not_retried_changes_nothing() -> None:
     """The pushback is read only for a failure the policy would retry."""
-    plan = plan_of(idempotent())
-    state = plan.first(T0, None, None)
-    assert plan.decide(state, failure(Code.INVALID_ARGUMENT, pushback="-1"), T0 + 0.01) is None
-    assert state.stopped == NOT_RETRYABLE
+    caller = Caller(idempotent())
+    assert caller.fail(T0 + 0.01, Code.INVALID_ARGUMENT, pushback="-1") is None
+    assert caller.call.stopped is NOT_RETRYABLE
 
 
-# -- Plan: attempt timeouts ----------------------------------------------------------------------------
+# -- Attempt timeouts ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -781,84 +826,67 @@ def test_first_timeout_is_the_least_of_the_attempt_timeout_and_the_deadline(
 ) -> None:
     """An attempt may take attempt_timeout or what is left of the caller's time, whichever is less;
     only when its own timeout is the shorter does the attempt get its own deadline."""
-    plan = plan_of(idempotent(attempt_timeout=attempt_timeout))
-    state = plan.first(T0, timeout, None)
-    assert plan.first_timeout(state, T0) == expected
-    assert state.attempt_deadline == attempt_deadline
+    first = Caller(idempotent(attempt_timeout=attempt_timeout), timeout).attempt
+    assert (first.timeout, first.deadline) == (expected, attempt_deadline)
 
 
 def test_an_attempt_timeout_is_retried_for_an_idempotent_method() -> None:
     """DEADLINE_EXCEEDED when the attempt's own timeout ran out, before the caller's
     deadline, is retried, although DEADLINE_EXCEEDED is not among the policy's codes."""
-    plan = plan_of(idempotent(attempt_timeout=0.5, initial_backoff=0.25, jitter=0.0))
-    assert plan.policy is not None
-    assert DEADLINE_EXCEEDED not in plan.policy.codes
-    state = plan.first(T0, 2.0, None)
-    assert plan.first_timeout(state, T0) == 0.5
-    assert plan.decide(state, failure(DEADLINE_EXCEEDED, "Deadline Exceeded"), T0 + 0.5) == 0.25
-    assert state.timed_out
+    caller = Caller(idempotent(attempt_timeout=0.5, initial_backoff=0.25, jitter=0.0), 2.0)
+    assert caller.plan.policy is not None
+    assert DEADLINE_EXCEEDED not in caller.plan.policy.codes
+    assert caller.attempt.timeout == 0.5
+    assert caller.fail(T0 + 0.5, DEADLINE_EXCEEDED, "Deadline Exceeded") == 0.25
     # The retry gets the attempt timeout again, as there is time enough left.
-    assert plan.next_timeout(state, 0.25, T0 + 0.75) == 0.5
-    assert state.attempt_deadline == T0 + 1.25
+    retry = caller.wait_out()
+    assert (retry.started, retry.timeout, retry.deadline) == (T0 + 0.75, 0.5, T0 + 1.25)
 
 
 def test_an_attempt_cut_short_by_the_callers_deadline_is_not_retried() -> None:
     """When what is left of the caller's time is shorter than the attempt timeout, the
     attempt's DEADLINE_EXCEEDED is the caller's: not retried."""
-    plan = plan_of(idempotent(attempt_timeout=0.5, initial_backoff=0.25, jitter=0.0))
-    state = plan.first(T0, 1.0, None)
-    assert plan.first_timeout(state, T0) == 0.5
+    caller = Caller(idempotent(attempt_timeout=0.5, initial_backoff=0.25, jitter=0.0), 1.0)
+    assert caller.attempt.timeout == 0.5
     # A quick failure: 0.3125 + 0.25 + 0.3125 < 1, so the retry goes out with 0.4375 left.
-    assert plan.decide(state, failure(UNAVAILABLE), T0 + 0.3125) == 0.25
-    assert plan.next_timeout(state, 0.25, T0 + 0.5625) == 0.4375
-    assert state.attempt_deadline is None
-    assert plan.decide(state, failure(DEADLINE_EXCEEDED), T0 + 1.0) is None
-    assert not state.timed_out
-    assert state.stopped == NOT_RETRYABLE
+    assert caller.fail(T0 + 0.3125, UNAVAILABLE) == 0.25
+    retry = caller.wait_out()
+    assert (retry.timeout, retry.deadline) == (0.4375, None)
+    assert caller.fail(T0 + 1.0, DEADLINE_EXCEEDED) is None
+    assert caller.call.stopped is NOT_RETRYABLE
 
 
 def test_a_caller_deadline_shorter_than_the_attempt_timeout_is_not_retried() -> None:
-    plan = plan_of(idempotent(attempt_timeout=0.5))
-    state = plan.first(T0, 0.25, None)
-    assert plan.first_timeout(state, T0) == 0.25
-    assert state.attempt_deadline is None
-    assert plan.decide(state, failure(DEADLINE_EXCEEDED), T0 + 0.25) is None
-    assert state.stopped == NOT_RETRYABLE
+    caller = Caller(idempotent(attempt_timeout=0.5), 0.25)
+    assert (caller.attempt.timeout, caller.attempt.deadline) == (0.25, None)
+    assert caller.fail(T0 + 0.25, DEADLINE_EXCEEDED) is None
+    assert caller.call.stopped is NOT_RETRYABLE
 
 
 def test_a_server_deadline_exceeded_before_the_attempt_timeout_is_not_retried() -> None:
     """DEADLINE_EXCEEDED that came before the attempt's own timeout ran out is the server's
     answer: retried only if the policy lists the code."""
-    plan = plan_of(idempotent(attempt_timeout=0.5))
-    state = plan.first(T0, 2.0, None)
-    plan.first_timeout(state, T0)
-    assert plan.decide(state, failure(DEADLINE_EXCEEDED), T0 + 0.2) is None
-    assert state.stopped == NOT_RETRYABLE
+    caller = Caller(idempotent(attempt_timeout=0.5), 2.0)
+    assert caller.fail(T0 + 0.2, DEADLINE_EXCEEDED) is None
+    assert caller.call.stopped is NOT_RETRYABLE
 
-    plan = plan_of(idempotent(attempt_timeout=0.5, codes=frozenset({DEADLINE_EXCEEDED}), jitter=0.0))
-    state = plan.first(T0, 2.0, None)
-    plan.first_timeout(state, T0)
-    assert plan.decide(state, failure(DEADLINE_EXCEEDED), T0 + 0.2) == 0.1
-    assert not state.timed_out
+    caller = Caller(idempotent(attempt_timeout=0.5, codes=frozenset({DEADLINE_EXCEEDED}), jitter=0.0), 2.0)
+    assert caller.fail(T0 + 0.2, DEADLINE_EXCEEDED) == 0.1
 
 
 def test_an_attempt_timeout_of_a_non_idempotent_method_is_not_retried() -> None:
-    plan = plan_of(RetryPolicy(attempt_timeout=0.5))
-    state = plan.first(T0, 2.0, None)
-    assert plan.first_timeout(state, T0) == 0.5
-    assert plan.decide(state, failure(DEADLINE_EXCEEDED), T0 + 0.5) is None
-    assert state.stopped == NOT_RETRYABLE
+    caller = Caller(RetryPolicy(attempt_timeout=0.5), 2.0)
+    assert caller.attempt.timeout == 0.5
+    assert caller.fail(T0 + 0.5, DEADLINE_EXCEEDED) is None
+    assert caller.call.stopped is NOT_RETRYABLE
 
 
 def test_an_attempt_timeout_uses_up_attempts() -> None:
-    plan = plan_of(idempotent(attempt_timeout=0.5, initial_backoff=0.25, max_attempts=2, jitter=0.0))
-    state = plan.first(T0, None, None)
-    plan.first_timeout(state, T0)
-    assert plan.decide(state, failure(DEADLINE_EXCEEDED), T0 + 0.5) == 0.25
-    assert plan.next_timeout(state, 0.25, T0 + 0.75) == 0.5
-    assert plan.decide(state, failure(DEADLINE_EXCEEDED), T0 + 1.25) is None
-    assert state.timed_out
-    assert state.stopped == ATTEMPTS_USED
+    caller = Caller(idempotent(attempt_timeout=0.5, initial_backoff=0.25, max_attempts=2, jitter=0.0))
+    assert caller.fail(T0 + 0.5, DEADLINE_EXCEEDED) == 0.25
+    assert caller.wait_out().timeout == 0.5
+    assert caller.fail(T0 + 1.25, DEADLINE_EXCEEDED) is None
+    assert caller.call.stopped is ATTEMPTS_USED
 
 
 # -- Hedging's delay and the latency window ------------------------------------------------------------
@@ -922,17 +950,6 @@ def test_latency_window_forgets_old_samples() -> None:
 # -- The pool's retry bookkeeping ----------------------------------------------------------------------
 
 
-def endpoint(n: int) -> Endpoint:
-    return Endpoint(f"10.0.0.{n}", 50051, f"10.0.0.{n}:50051")
-
-
-def new_pool(clock: FakeClock, rng: random.Random, routes: int = 4, **config: Any) -> PoolState:
-    """A pool with neither health checks nor failure accrual: every route stays in rotation."""
-    config = {"health_check": None, "failure_accrual": None, **config}
-    endpoints = [endpoint(n) for n in range(1, routes + 1)]
-    return PoolState("ipv4:test", endpoints, PoolConfig(**config), clock=clock, rng=rng)
-
-
 def calls(pool: PoolState, count: int) -> None:
     """`count` calls that begin (paying into the budget) and succeed."""
     for _ in range(count):
@@ -985,9 +1002,9 @@ def test_spend_allows_ratio_of_the_calls_plus_the_reserve(
     budget = RetryBudget(ratio=ratio, min_per_second=min_per_second, window=window)
     pool = new_pool(clock, rng, retry_budget=budget)
     calls(pool, made)
-    answers = [pool.spend(RETRY_KIND) for _ in range(allowed + 5)]
+    answers = [pool.spend(Resend.RETRY) for _ in range(allowed + 5)]
     assert answers == [True] * allowed + [False] * 5
-    assert pool.sent_again == {RETRY_KIND: allowed, REQUEUE_KIND: 0, HEDGE: 0}
+    assert pool.sent_again == {Resend.RETRY: allowed, Resend.REQUEUE: 0, Resend.HEDGE: 0}
     assert pool.budget_refused == 5
     assert budget_of(pool) == {"retries": allowed, "requeues": 0, "hedges": 0, "refused": 5, "balance": balance}
 
@@ -998,12 +1015,12 @@ def test_describe_counts_what_the_budget_paid_for_by_kind(clock: FakeClock, rng:
     assert budget_of(pool) == {"retries": 0, "requeues": 0, "hedges": 0, "refused": 0, "balance": 10.0}
     calls(pool, 50)  # 10 + 10 in all
     assert budget_of(pool)["balance"] == 20.0
-    kinds = [RETRY_KIND] * 9 + [REQUEUE_KIND] * 7 + [HEDGE] * 4
+    kinds = [Resend.RETRY] * 9 + [Resend.REQUEUE] * 7 + [Resend.HEDGE] * 4
     assert all(pool.spend(kind) for kind in kinds)
     assert budget_of(pool) == {"retries": 9, "requeues": 7, "hedges": 4, "refused": 0, "balance": 0.0}
-    assert not pool.spend(HEDGE)
-    assert not pool.spend(REQUEUE_KIND)
-    assert not pool.spend(RETRY_KIND)
+    assert not pool.spend(Resend.HEDGE)
+    assert not pool.spend(Resend.REQUEUE)
+    assert not pool.spend(Resend.RETRY)
     assert budget_of(pool) == {"retries": 9, "requeues": 7, "hedges": 4, "refused": 3, "balance": 0.0}
     assert pool.budget.allowed == 20
     assert pool.budget.refused == 3
@@ -1012,10 +1029,10 @@ def test_describe_counts_what_the_budget_paid_for_by_kind(clock: FakeClock, rng:
 def test_spent_retries_count_for_a_window(clock: FakeClock, rng: random.Random) -> None:
     """Retries count against the budget for one window (and a step); then the reserve is back."""
     pool = new_pool(clock, rng, retry_budget=RetryBudget(ratio=0.2, min_per_second=1.0, window=10.0))
-    assert sum(pool.spend(RETRY_KIND) for _ in range(15)) == 10
+    assert sum(pool.spend(Resend.RETRY) for _ in range(15)) == 10
     clock.advance(9.5)
     assert budget_of(pool)["balance"] == 0.0
-    assert not pool.spend(RETRY_KIND)
+    assert not pool.spend(Resend.RETRY)
     clock.advance(1.0)
     assert budget_of(pool)["balance"] == 10.0
     assert budget_of(pool)["retries"] == 10
@@ -1117,74 +1134,72 @@ _STORM_SEED = 11
 
 
 @pytest.mark.parametrize(
-    ("policy", "details", "kind"),
+    ("policy", "details", "kind", "limit"),
     [
-        (idempotent(max_attempts=3), SOCKET_CLOSED, RETRY_KIND),
-        (RetryPolicy(), CONNECT_FAILED, REQUEUE_KIND),
+        (idempotent(max_attempts=3), SOCKET_CLOSED, Resend.RETRY, ATTEMPTS_USED),
+        (RetryPolicy(), CONNECT_FAILED, Resend.REQUEUE, NO_REQUEUE),
     ],
     ids=["retries", "requeues"],
 )
-def test_a_storm_is_held_to_the_budget(clock: FakeClock, policy: RetryPolicy, details: str, kind: str) -> None:
+def test_a_storm_is_held_to_the_budget(
+    clock: FakeClock, policy: RetryPolicy, details: str, kind: Resend, limit: StopReason
+) -> None:
     """1000 calls over 9.5 s of fake time, every attempt failing, every failure wanting to
     go again (as a retry, or a requeue up to 25 times): what the budget lets out is exactly
     1000 × 0.2 + 10 × 10. Calls, failures and retries (backoffs are ≤ 0.36 s) all fall
     within one 10 s window, less its 0.1 s step, so no credit leaves the window and the
-    bound needs no slack; the demand is far above it, so the budget ends fully spent."""
+    bound needs no slack; the demand is far above it, so the budget ends fully spent.
+    Every call stops either at its own limit or when the budget refuses it."""
     rng = random.Random(_STORM_SEED)
     pool = new_pool(clock, rng)
-    plan = Plan(policy, rng)
-    error = failure(UNAVAILABLE, details)
+    method = Method(pool, Plan(policy, rng), unary_response=True, streaming_request=False)
+    calls = [Call(method, REQUEST, None, None, None, None, None) for _ in range(_STORM_CALLS)]
     start = clock.now
-    # (time, sequence, what, state, slot, delay): "call" begins a call, "fail" ends an
-    # attempt in failure, "again" starts the next attempt after its delay.
-    events: list[tuple[float, int, str, Any, Any, float]] = [
-        (start + n * _STORM_SPACING, n, "call", None, None, 0.0) for n in range(_STORM_CALLS)
+    # (time, sequence, what, call, attempt): "start" a call, "fail" its attempt in flight,
+    # "timer" when its backoff is over.
+    events: list[tuple[float, int, str, Call, Attempt | None]] = [
+        (start + n * _STORM_SPACING, n, "start", call, None) for n, call in enumerate(calls)
     ]
     heapq.heapify(events)
     sequence = _STORM_CALLS
-    wanted = allowed = stopped = 0
     last_spend = start
     while events:
-        at, _, what, state, slot, delay = heapq.heappop(events)
+        at, _, what, call, attempt = heapq.heappop(events)
         assert at >= clock.now
         clock.now = at
-        if what == "call":
-            slot = pool.begin()
-            state = None
-        elif what == "again":
-            plan.next_timeout(state, delay, at)
-            slot = pool.begin_again(None, state.tried)
-        else:  # "fail"
-            pool.end(slot, None, UNAVAILABLE)
-            if state is None:
-                state = plan.first(at - _ATTEMPT_TIME, None, slot.route)
-            decided = plan.decide(state, error, at)
-            if decided is None:
-                stopped += 1
-                continue
-            wanted += 1
-            if not pool.spend(REQUEUE_KIND if decided == REQUEUE else RETRY_KIND):
-                stopped += 1
-                continue
-            allowed += 1
+        paid = pool.sent_again[kind]
+        if what == "start":
+            step = call.start()
+        elif what == "timer":
+            step = call.timer_fired()
+        else:
+            assert attempt is not None
+            call.ended(attempt, UNAVAILABLE, details)
+            step = call.next()
+        if pool.sent_again[kind] > paid:
             last_spend = at
-            sequence += 1
-            heapq.heappush(events, (at + max(decided, 0.0), sequence, "again", state, None, decided))
-            continue
         sequence += 1
-        heapq.heappush(events, (at + _ATTEMPT_TIME, sequence, "fail", state, slot, 0.0))
+        if step is Step.SEND:
+            heapq.heappush(events, (at + _ATTEMPT_TIME, sequence, "fail", call, call.sending))
+        elif step is Step.WAIT:
+            assert call.timer is not None
+            heapq.heappush(events, (at + call.timer, sequence, "timer", call, None))
 
     assert last_spend - start < 10.0 - 0.1
+    allowed, refused = pool.sent_again[kind], pool.budget_refused
     bound = _STORM_CALLS * 0.2 + 10.0 * 10.0
     assert allowed <= bound
     assert allowed == bound  # the budget was the only limit, and it was used to the last retry
-    assert wanted > 3 * bound
-    assert stopped == _STORM_CALLS
+    assert allowed + refused > 3 * bound
+    assert all(call.over and call.final is not None and call.final.code is UNAVAILABLE for call in calls)
+    # A refused call stops at once; every other one went as far as its limit. (That a
+    # refused requeue is recorded as NO_ENDPOINT, not BUDGET, is pinned in test_call_core.)
+    assert Counter(call.stopped for call in calls)[limit] + refused == _STORM_CALLS
     described = budget_of(pool)
     assert described[kind] == allowed
-    assert described["refused"] == wanted - allowed
+    assert described["refused"] == refused
     assert described["balance"] == 0.0
-    assert sum(described[k] for k in (RETRY_KIND, REQUEUE_KIND, HEDGE)) == allowed
+    assert sum(described[k] for k in Resend) == allowed
     assert pool.in_flight == 0
 
 
@@ -1202,15 +1217,13 @@ def test_a_bare_name_is_a_service_without_a_package() -> None:
 @pytest.mark.parametrize("value", ["²", "٣٠٠", "9" * 5000])
 def test_pushback_that_int_cannot_read_means_stop(value: str) -> None:
     """Any pushback that is not a plain non-negative integer must read as "stop", not raise."""
-    plan = plan_of(idempotent())
-    state = plan.first(T0, None, None)
-    assert plan.decide(state, failure(pushback=value), T0 + 0.01) is None
-    assert state.stopped == PUSHBACK
+    caller = Caller(idempotent())
+    assert caller.fail(T0 + 0.01, pushback=value) is None
+    assert caller.call.stopped is PUSHBACK
 
 
 def test_an_attempt_timeout_is_retried_even_with_no_codes() -> None:
     """The docs: an idempotent method is retried on `codes`, and when `attempt_timeout` runs out."""
-    plan = plan_of(idempotent(codes=frozenset(), attempt_timeout=0.5, jitter=0.0))
-    state = plan.first(T0, 5.0, None)
-    plan.first_timeout(state, T0)
-    assert plan.decide(state, failure(DEADLINE_EXCEEDED), T0 + 0.5) == 0.1
+    caller = Caller(idempotent(codes=frozenset(), attempt_timeout=0.5, jitter=0.0), 5.0)
+    assert caller.attempt.timeout == 0.5
+    assert caller.fail(T0 + 0.5, DEADLINE_EXCEEDED) == 0.1

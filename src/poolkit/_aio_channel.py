@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
 import random
 import re
 import time
@@ -30,11 +29,10 @@ import grpc
 import grpc.aio
 
 from ._aio_watch import check_health, discover, follow_connectivity
+from ._call import Attempt, Call, Step, checked_timeout
 from ._config import PoolConfig
 from ._errors import ConfigError, PoolClosedError, PoolUnavailableError
-from ._pool import REQUEUE, RETRY, Route, Slot
-from ._retry import REQUEUE as REQUEUE_NOW
-from ._retry import Attempts, replayable, with_attempts
+from ._pool import Route
 from ._shell import (
     _PARENTS_OBJECTS,
     ChannelOptions,
@@ -43,14 +41,9 @@ from ._shell import (
     Pooled,
     Serializer,
     checked_grace,
-    end_failed,
-    failed_locally,
-    may_send_again,
     slot_options,
-    take_again,
-    take_hedge_slot,
 )
-from ._telemetry import Attempt, CallTrace, invoke, start_call
+from ._telemetry import invoke
 
 _OK = grpc.StatusCode.OK
 _UNKNOWN = grpc.StatusCode.UNKNOWN
@@ -327,6 +320,9 @@ class Channel(Pooled, grpc.aio.Channel):
 
 
 class _MultiCallable(MultiCallableBase):
+    """A method of a poolkit.aio channel: each call is a `_call.Call`, carried out by a
+    coroutine (`_UnaryCall`) or the caller's reads (`_Stream`)."""
+
     __slots__ = ("_owner", "_serialize")
 
     def __init__(
@@ -349,9 +345,7 @@ class _MultiCallable(MultiCallableBase):
         if self._serialize is not None and not channel._interceptors:
             self._serializer = None  # what the slot's grpc multicallable serialises with (`_bind`)
 
-    # What a call of this kind does besides starting: whether its duration is a latency
-    # sample (unary responses) and whether its caller gets the cancelling stream proxy.
-    _sample_latency = False
+    # Whether the caller gets the cancelling stream proxy, and whether requests stream.
     _streaming = False
     _streaming_request = False
 
@@ -364,36 +358,25 @@ class _MultiCallable(MultiCallableBase):
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
     ) -> Any:
-        if isinstance(timeout, float) and math.isnan(timeout):
-            # NaN: grpc would end the call at once as DEADLINE_EXCEEDED, naming neither.
-            raise ConfigError("timeout", timeout, "must be a number of seconds, or None")
+        checked_timeout(timeout)
         if metadata is not None:
             _check_metadata(metadata)
         if self._serialize is not None:
             request = self._serialized(request)
         if self._owner._tasks is None:
             self._owner._start_background()
-        trace = start_call(self._telemetry, metadata)
-        if trace is not None:
-            return self._start_traced(trace, request, timeout, credentials, wait_for_ready, compression)
-        slot = self._begin(wait_for_ready)
-        started = self._clock()
-        args = (request, timeout, metadata, credentials, wait_for_ready, compression)
-        if self._special and self._sample_latency:
-            return _UnaryCall.special(_Restart(self, started, slot, args))
-        call = self._invoke(slot, args, timeout, metadata)
-        call.add_done_callback(
-            functools.partial(self._end_call, slot, started if self._sample_latency else None, timeout)
-        )
-        if self._plan.requeues and replayable(request, self._streaming_request):
-            restart = _Restart(self, started, slot, args)
-            return _Stream(call, restart) if self._streaming else _UnaryCall(call, restart)
+        call = Call(self._call, request, timeout, metadata, credentials, wait_for_ready, compression)
+        if call.start() is Step.FINISH:
+            raise _aio_error(call.error)
+        attempt = call.sending
+        assert attempt is not None
+        handle = self._send(call, attempt)
         if self._streaming:
-            return _Stream(call, None)
-        if self._streaming_request:
-            # Never sent again, but awaited through poolkit all the same (`_expired`).
-            return _UnaryCall(call, _Restart(self, started, slot, args, resend=False))
-        return call
+            return _Stream(self, call, attempt, handle)
+        if call.resendable or self._streaming_request:
+            # A request stream's call is awaited through poolkit even when never sent again (`_expired`).
+            return _UnaryCall(self, call, attempt, handle)
+        return handle
 
     def _serialized(self, request: Any) -> Any:
         """The request as the slot's grpc multicallable takes it (see `__init__`): its bytes,
@@ -408,134 +391,49 @@ class _MultiCallable(MultiCallableBase):
             ) from error
         return data if self._serializer is None else request
 
-    def _begin(self, wait_for_ready: bool | None) -> Slot:
-        """The first slot of a call; the pool's refusal as a grpc.aio error."""
-        try:
-            return self._pool.begin(wait_for_ready)
-        except PoolClosedError as error:
-            raise AioPoolClosedError(error.details(), error.code()) from None
-        except PoolUnavailableError as error:
-            raise AioPoolUnavailableError(error.details(), error.code()) from None
-
-    def _start_traced(
-        self,
-        trace: CallTrace,
-        request: Any,
-        timeout: float | None,
-        credentials: grpc.CallCredentials | None,
-        wait_for_ready: bool | None,
-        compression: grpc.Compression | None,
-    ) -> Any:
-        """`_start` for a call with telemetry: every attempt reports its end through
-        grpc's done-callback, and the call's end is told by its last attempt or by
-        whoever stops sending it again."""
-        metadata = trace.metadata
-        restartable = self._plan.requeues and replayable(request, self._streaming_request)
-        trace.again = restartable
-        try:
-            slot = self._begin(wait_for_ready)
-        except BaseException as error:
-            trace.give_up(error)
-            raise
-        args = (request, timeout, metadata, credentials, wait_for_ready, compression)
-        restart = _Restart(self, self._clock(), slot, args, trace, resend=restartable)
-        try:
-            if self._special and self._sample_latency:
-                return _UnaryCall.special(restart)
-            call = self._send(slot, args, timeout, metadata, trace)
-        except BaseException as error:
-            trace.give_up(error)  # grpc refused to start it: nothing will send it again
-            raise
-        if self._streaming:
-            return _Stream(call, restart if restartable else None, trace)
-        # A request stream's call is awaited through poolkit even when never sent again (`_expired`).
-        return _UnaryCall(call, restart) if restartable or self._streaming_request else call
-
-    def _invoke(
-        self, slot: Slot, args: _Args, timeout: float | None, metadata: Any, attempt: Attempt | None = None
-    ) -> Any:
-        """Start one attempt on `slot`; if grpc refuses to start it (the caller's
-        arguments), the slot is released as the caller's failure, not the endpoint's."""
-        request, _, _, credentials, wait_for_ready, compression = args
+    def _send(self, call: Call, attempt: Attempt) -> Any:
+        """Start `attempt` on its slot's own grpc.aio multicallable; its end reaches the call
+        through grpc's done-callback, whatever the caller does with it. If grpc refuses to
+        start it (the caller's arguments), the call is over with that error."""
+        slot = attempt.slot
         bound = slot.callables.get(self._id) or self._bind(slot)
         try:
-            return invoke(
-                attempt.call if attempt is not None else None,
+            handle = invoke(
+                call.trace,
                 bound,
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
+                call.payload(),
+                timeout=attempt.timeout,
+                metadata=call.attempt_metadata(attempt),
+                credentials=call.credentials,
+                wait_for_ready=call.wait_for_ready,
+                compression=call.compression,
             )
-        except BaseException:
-            self._pool.end_local(slot)
-            if attempt is not None:
-                attempt.done(_UNKNOWN, None)
+        except BaseException as error:
+            call.refused(attempt, error)
             raise
+        attempt.handle = handle
+        handle.add_done_callback(functools.partial(_report, call, attempt))
+        return handle
 
-    def _send(
-        self,
-        slot: Slot,
-        args: _Args,
-        timeout: float | None,
-        metadata: Any,
-        trace: CallTrace | None = None,
-        hedge: bool = False,
-    ) -> Any:
-        """Start one attempt on a slot already taken, its outcome reported to the pool
-        (and the call's telemetry) by grpc's done-callback."""
-        attempt = trace.attempt(slot.route, hedge) if trace is not None else None
-        call = self._invoke(slot, args, timeout, metadata, attempt)
-        started = self._clock() if self._sample_latency else None
-        if attempt is None:
-            call.add_done_callback(functools.partial(self._end_call, slot, started, timeout))
-        else:
-            call.add_done_callback(functools.partial(self._end_attempt, slot, started, timeout, attempt))
-        return call
 
-    async def _next_call(self, state: Attempts, error: BaseException, args: _Args) -> Any:
-        """Wait out the plan's backoff and start the next attempt; raise `error` when the
-        plan, the budget, the deadline or the pool says no."""
-        if not isinstance(error, grpc.aio.AioRpcError):
-            raise error
-        if failed_locally(error.code(), error.details(), args[1]):
-            raise error  # the caller's mistake: it would fail the same way anywhere
-        pool, plan, clock = self._pool, self._plan, self._clock
-        delay = plan.decide(state, error, clock())
-        if delay is None:
-            raise error
-        kind = REQUEUE if delay == REQUEUE_NOW else RETRY
-        if delay > 0:  # a backoff is waited out only if the budget will pay for what follows
-            if not may_send_again(pool, state, kind):
-                raise error
-            await asyncio.sleep(delay)
-        timeout = plan.next_timeout(state, delay, clock())
-        if timeout is not None and timeout <= 0:
-            raise error
-        slot = take_again(pool, state, None if delay > 0 else kind, args[4])
-        if slot is None:
-            raise error
-        return self._send(slot, args, timeout, with_attempts(args[2], state.previous), state.trace)
+def _report(call: Call, attempt: Attempt, handle: Any) -> None:
+    """grpc.aio's done-callback: an attempt ended, as grpc reports it (a task cancelled
+    just after its call succeeded leaves the call OK)."""
+    code = _finished(handle.code(), _UNKNOWN)
+    if code is _OK:
+        call.ended(attempt, code, None)
+    else:
+        call.ended(attempt, code, _finished(handle.details(), None), _finished(handle.trailing_metadata(), None))
 
-    def _end_call(self, slot: Slot, started: float | None, timeout: float | None, call: Any) -> None:
-        code = _finished(call.code(), _UNKNOWN)
-        if code is _OK:
-            self._pool.end(slot, started)
-        else:
-            end_failed(self._pool, slot, started, code, _finished(call.details(), None), timeout)
 
-    def _end_attempt(
-        self, slot: Slot, started: float | None, timeout: float | None, attempt: Attempt, call: Any
-    ) -> None:
-        code = _finished(call.code(), _UNKNOWN)
-        details = _finished(call.details(), None)
-        if code is _OK:
-            self._pool.end(slot, started)
-        else:
-            end_failed(self._pool, slot, started, code, details, timeout)
-        attempt.done(code, details)
+def _aio_error(error: BaseException | None) -> BaseException:
+    """The pool's refusal as a grpc.aio error."""
+    if isinstance(error, PoolClosedError):
+        return AioPoolClosedError(error.details(), error.code())
+    if isinstance(error, PoolUnavailableError):
+        return AioPoolUnavailableError(error.details(), error.code())
+    assert error is not None
+    return error
 
 
 def _check_metadata(metadata: Any) -> None:
@@ -587,159 +485,141 @@ def _finished(coroutine: Any, otherwise: Any) -> Any:
     return otherwise
 
 
-_Args = tuple[Any, float | None, Any, grpc.CallCredentials | None, bool | None, grpc.Compression | None]
-
-
 class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
     """A unary-response call that may be sent again: awaiting it awaits the current
-    attempt, and on a failure the plan allows, the next one. Everything else is the
-    current attempt's (grpc's call object).
+    attempt and, while the call goes on, the next. Everything else is the current
+    attempt's (grpc's call object)."""
 
-    Every attempt's outcome reaches the pool through grpc's done-callback, as grpc
-    reports it, whatever the caller does with this object: a task cancelled just after
-    its call succeeded leaves the call OK, and a finished call held unawaited is not in
-    flight."""
+    __slots__ = ("_attempt", "_call", "_handle", "_multicallable")
 
-    __slots__ = ("_call", "_hedge_after", "_restart")
-
-    def __init__(self, call: Any, restart: _Restart) -> None:
+    def __init__(self, multicallable: _MultiCallable, call: Call, attempt: Attempt, handle: Any) -> None:
+        self._multicallable = multicallable
         self._call = call
-        self._restart = restart
-        self._hedge_after: float | None = None
+        self._attempt = attempt
+        self._handle = handle
 
     def __del__(self) -> None:
-        trace = self._restart.trace
-        if trace is not None:
-            trace.no_more()  # dropped: its attempt's end is the call's
-
-    @classmethod
-    def special(cls, restart: _Restart) -> _UnaryCall:
-        """The first attempt of a hedged method, or one whose attempts have their own timeout."""
-        multicallable, started = restart.multicallable, restart.started
-        plan = multicallable._plan
-        state = restart.state = plan.first(started, restart.args[1], restart.slot.route)
-        state.trace = restart.trace
-        hedge_after = plan.hedge_delay()
-        call = multicallable._send(
-            restart.slot,
-            restart.args,
-            plan.first_timeout(state, started),
-            restart.args[2],
-            restart.trace,
-            hedge_after is not None,
-        )
-        self = cls(call, restart)
-        self._hedge_after = hedge_after
-        return self
+        call = getattr(self, "_call", None)
+        if call is not None:
+            call.abandon()
 
     def __await__(self) -> Generator[Any, None, Any]:
-        if self._hedge_after is not None:
-            return (yield from self._hedged().__await__())
         call = self._call
+        if call.timer is not None:  # hedged: several attempts may be out at once
+            return (yield from self._drive(Step.WAIT).__await__())
+        handle = self._handle
         try:
-            response = yield from call.__await__()
+            response = yield from handle.__await__()
         except grpc.aio.AioRpcError as error:
-            return (yield from self._again(error).__await__())
+            call.ended(self._attempt, error.code(), error.details(), error.trailing_metadata())
+            return (yield from self._drive(call.next()).__await__())
         except asyncio.CancelledError as cancelled:
-            if _expired(call):
+            if _expired(handle):
                 raise _deadline_exceeded() from cancelled
             raise
         except Exception:
-            _abandon(call)
+            _abandon(handle)
             raise
-        multicallable = self._restart.multicallable
-        if multicallable._plan.latency is not None:
-            multicallable._plan.latency.add(multicallable._clock() - self._restart.started)
+        call.ended(self._attempt, _OK, None)
         return response
 
-    async def _again(self, error: BaseException) -> Any:
-        while True:
-            self._call = call = await self._restart.next_call(error)
-            try:
-                return await call
-            except grpc.aio.AioRpcError as failure:
-                error = failure
-            except asyncio.CancelledError as cancelled:
-                if _expired(call):
-                    raise _deadline_exceeded() from cancelled
-                raise
-            except Exception:
-                _abandon(call)
-                raise
-
-    async def _hedged(self) -> Any:
-        restart = self._restart
-        multicallable, state, args = restart.multicallable, restart.state, restart.args
-        assert state is not None
-        assert self._hedge_after is not None
-        started = multicallable._clock()
-        attempts = {asyncio.ensure_future(_outcome(self._call)): (self._call, started)}
+    async def _drive(self, step: Step) -> Any:
+        """Carry out the call's steps until it is over: attempts in flight awaited
+        together (a hedge), backoffs slept, the answer of the attempt that ends it."""
+        call = self._call
+        running = {asyncio.ensure_future(_outcome(self._handle)): self._attempt} if self._attempt.code is None else {}
+        answers: dict[Attempt, Any] = {}
         try:
-            done, _ = await asyncio.wait(attempts, timeout=self._hedge_after)
-            if not done:
-                slot = take_hedge_slot(multicallable, state, args[4])
-                if slot is not None:
-                    now = multicallable._clock()
-                    timeout = multicallable._plan.first_timeout(state, now)
-                    call = multicallable._send(slot, args, timeout, with_attempts(args[2], 1), restart.trace, True)
-                    attempts[asyncio.ensure_future(_outcome(call))] = (call, now)
-            error: BaseException | None = None
-            while attempts:
-                done, _ = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
+            while step is not Step.FINISH:
+                if step is Step.SEND:
+                    attempt = call.sending
+                    assert attempt is not None
+                    self._attempt, self._handle = attempt, self._multicallable._send(call, attempt)
+                    running[asyncio.ensure_future(_outcome(self._handle))] = attempt
+                    step = Step.WAIT
+                    continue
+                if not running:
+                    assert call.timer is not None  # a backoff
+                    await asyncio.sleep(call.timer)
+                    step = call.timer_fired()
+                    continue
+                done, _ = await asyncio.wait(running, timeout=call.timer, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    step = call.timer_fired()
+                    continue
                 for task in done:
-                    call, began = attempts.pop(task)
-                    self._call = call
-                    response, error = task.result()
-                    if error is None:
-                        if multicallable._plan.latency is not None:
-                            multicallable._plan.latency.add(multicallable._clock() - began)
-                        return response
+                    attempt = running.pop(task)
+                    answers[attempt] = task.result()
+                    _report(call, attempt, attempt.handle)
+                step = call.next()
+        except asyncio.CancelledError as cancelled:
+            call.cancel()
+            if _expired(self._handle):
+                raise _deadline_exceeded() from cancelled
+            raise
         finally:
-            for task, (call, _) in attempts.items():
-                call.cancel()
+            for task, attempt in running.items():
+                attempt.handle.cancel()
                 task.cancel()
-        assert error is not None
-        return await self._again(error)
+        final = call.final
+        if final is None:
+            raise _aio_error(call.error)
+        self._attempt, self._handle = final, final.handle
+        if final.code is _OK and final in answers:
+            return answers[final]
+        return await final.handle  # a failed attempt raises its error again
 
     # grpc.aio.Call: the current attempt's.
     async def initial_metadata(self) -> Any:
-        return await self._call.initial_metadata()
+        return await self._handle.initial_metadata()
 
     async def trailing_metadata(self) -> Any:
-        return await self._call.trailing_metadata()
+        return await self._handle.trailing_metadata()
 
     async def code(self) -> grpc.StatusCode:
-        return await self._call.code()  # type: ignore[no-any-return]
+        return await self._handle.code()  # type: ignore[no-any-return]
 
     async def details(self) -> str:
-        return await self._call.details()  # type: ignore[no-any-return]
+        return await self._handle.details()  # type: ignore[no-any-return]
 
     async def wait_for_connection(self) -> None:
-        await self._call.wait_for_connection()
+        await self._handle.wait_for_connection()
 
     async def write(self, request: Any) -> None:
-        await self._call.write(request)
+        await self._handle.write(request)
 
     async def done_writing(self) -> None:
-        await self._call.done_writing()
+        await self._handle.done_writing()
 
     def cancelled(self) -> bool:
-        return self._call.cancelled()  # type: ignore[no-any-return]
+        return self._handle.cancelled()  # type: ignore[no-any-return]
 
     def done(self) -> bool:
-        return self._call.done()  # type: ignore[no-any-return]
+        return self._handle.done()  # type: ignore[no-any-return]
 
     def time_remaining(self) -> float | None:
-        return self._call.time_remaining()  # type: ignore[no-any-return]
+        return self._handle.time_remaining()  # type: ignore[no-any-return]
 
     def cancel(self) -> bool:
-        return self._call.cancel()  # type: ignore[no-any-return]
+        for attempt in self._call.cancel():
+            if attempt.handle is not self._handle:
+                attempt.handle.cancel()
+        return self._handle.cancel()  # type: ignore[no-any-return]
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self._call.add_done_callback(callback)
+        self._handle.add_done_callback(callback)
 
     def __repr__(self) -> str:
-        return repr(self._call)
+        return repr(self._handle)
+
+
+async def _outcome(handle: Any) -> Any:
+    """An attempt's response (None when it failed: its done-callback reports how), for
+    waiting on several attempts at once."""
+    try:
+        return await handle
+    except (grpc.aio.AioRpcError, asyncio.CancelledError):
+        return None
 
 
 def _expired(call: Any) -> bool:
@@ -769,56 +649,8 @@ def _abandon(call: Any) -> None:
     call.cancel()
 
 
-async def _outcome(call: Any) -> tuple[Any, BaseException | None]:
-    """An attempt's response or error, for waiting on several attempts at once."""
-    try:
-        return await call, None
-    except grpc.aio.AioRpcError as error:
-        return None, error
-
-
-class _Restart:
-    """What a call needs to be sent again: its method, start, first slot, arguments,
-    and (made on its first failure) its retry record. With `resend` False, the call is
-    never sent again (a request stream that cannot be replayed, or no retry policy)."""
-
-    __slots__ = ("args", "multicallable", "resend", "slot", "started", "state", "trace")
-
-    def __init__(
-        self,
-        multicallable: _MultiCallable,
-        started: float,
-        slot: Slot,
-        args: _Args,
-        trace: CallTrace | None = None,
-        *,
-        resend: bool = True,
-    ) -> None:
-        self.multicallable = multicallable
-        self.started = started
-        self.slot = slot
-        self.args = args
-        self.state: Attempts | None = None
-        self.trace = trace
-        self.resend = resend
-
-    async def next_call(self, error: BaseException) -> Any:
-        if not self.resend:
-            raise error
-        if self.state is None:
-            self.state = self.multicallable._plan.first(self.started, self.args[1], self.slot.route)
-            self.state.trace = self.trace
-        try:
-            return await self.multicallable._next_call(self.state, error, self.args)
-        except BaseException as failure:
-            if self.trace is not None:
-                self.trace.give_up(failure)
-            raise
-
-
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
     __slots__ = ()
-    _sample_latency = True
 
     def __call__(
         self,
@@ -882,7 +714,9 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
 
 
 class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
-    """grpc.aio's streaming call, as the caller sees it, cancelled when the caller drops it.
+    """grpc.aio's streaming call, as the caller sees it: the caller's reads drive the call
+    (before the first message a failed attempt may be followed by another, as the call
+    decides), and it is cancelled when the caller drops it.
 
     grpc.aio's own tasks keep its call object alive, so a response stream left unread
     would stay open, and its slot busy, until the server ended it. Callers hold this
@@ -891,83 +725,100 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
     `async for reply in stub.Stream(request)` keeps the call alive while it runs.
     """
 
-    __slots__ = ("_call", "_restart", "_trace")
+    __slots__ = ("_attempt", "_call", "_handle", "_multicallable")
 
-    def __init__(self, call: Any, restart: _Restart | None, trace: CallTrace | None = None) -> None:
+    def __init__(self, multicallable: _MultiCallable, call: Call, attempt: Attempt, handle: Any) -> None:
+        self._multicallable = multicallable
         self._call = call
-        self._restart = restart  # until the first message: how to send the call again
-        self._trace = trace
+        self._attempt = attempt
+        self._handle = handle
 
     def __del__(self) -> None:
-        if self._trace is not None:
-            self._trace.no_more()  # dropped: its attempt's end (cancelled here) is the call's
-        call = self._call
-        if not call.done():
-            call.cancel()
+        call = getattr(self, "_call", None)
+        if call is None:
+            return
+        call.abandon()
+        handle = self._handle
+        if not handle.done():
+            handle.cancel()
 
-    def _received(self) -> None:
-        """The first message came: the call is not sent again from now on."""
-        self._restart = None
-        if self._trace is not None:
-            self._trace.no_more()
+    async def _again(self, error: grpc.aio.AioRpcError) -> bool:
+        """The current attempt failed before any message: start the next one if the call
+        goes on (True), after its backoff."""
+        call = self._call
+        call.ended(self._attempt, error.code(), error.details(), error.trailing_metadata())
+        step = call.next()
+        while step is Step.WAIT:
+            assert call.timer is not None  # a stream waits only for a backoff
+            await asyncio.sleep(call.timer)
+            step = call.timer_fired()
+        if step is Step.FINISH:
+            return False
+        attempt = call.sending
+        assert attempt is not None
+        self._attempt, self._handle = attempt, self._multicallable._send(call, attempt)
+        return True
 
     def __aiter__(self) -> _Messages:
-        return _Messages(self, self._call.__aiter__())
+        return _Messages(self, self._handle.__aiter__())
 
     async def read(self) -> Any:
+        call = self._call
         try:
-            while self._restart is not None:
+            while not call.read:
                 try:
-                    message = await self._call.read()
+                    message = await self._handle.read()
                 except grpc.aio.AioRpcError as error:
-                    self._call = await self._restart.next_call(error)
-                    continue
-                self._received()
+                    if await self._again(error):
+                        continue
+                    raise
+                call.first_message()
                 return message
-            return await self._call.read()
+            return await self._handle.read()
         except asyncio.CancelledError as cancelled:
-            if _expired(self._call):
+            if _expired(self._handle):
                 raise _deadline_exceeded() from cancelled
             raise
 
     async def write(self, request: Any) -> None:
-        await self._call.write(request)
+        await self._handle.write(request)
 
     async def done_writing(self) -> None:
-        await self._call.done_writing()
+        await self._handle.done_writing()
 
     async def wait_for_connection(self) -> None:
-        await self._call.wait_for_connection()
+        await self._handle.wait_for_connection()
 
     async def initial_metadata(self) -> Any:
-        return await self._call.initial_metadata()
+        return await self._handle.initial_metadata()
 
     async def trailing_metadata(self) -> Any:
-        return await self._call.trailing_metadata()
+        return await self._handle.trailing_metadata()
 
     async def code(self) -> grpc.StatusCode:
-        return await self._call.code()  # type: ignore[no-any-return]
+        return await self._handle.code()  # type: ignore[no-any-return]
 
     async def details(self) -> str:
-        return await self._call.details()  # type: ignore[no-any-return]
+        return await self._handle.details()  # type: ignore[no-any-return]
 
     def cancelled(self) -> bool:
-        return self._call.cancelled()  # type: ignore[no-any-return]
+        return self._handle.cancelled()  # type: ignore[no-any-return]
 
     def done(self) -> bool:
-        return self._call.done()  # type: ignore[no-any-return]
+        return self._handle.done()  # type: ignore[no-any-return]
 
     def time_remaining(self) -> float | None:
-        return self._call.time_remaining()  # type: ignore[no-any-return]
+        return self._handle.time_remaining()  # type: ignore[no-any-return]
 
     def cancel(self) -> bool:
-        return self._call.cancel()  # type: ignore[no-any-return]
+        self._call.cancel()
+        return self._handle.cancel()  # type: ignore[no-any-return]
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self._call.add_done_callback(callback)
+        self._handle.add_done_callback(callback)
 
     def __repr__(self) -> str:
-        return repr(self._call)
+        return repr(self._handle)
 
 
 class _Messages:
@@ -990,7 +841,7 @@ class _Messages:
         return self._first()
 
     async def _first(self) -> Any:
-        """The first message, sending the call again while the plan allows (and a
+        """The first message, sending the call again while the call goes on (and a
         deadline that grpc.aio reports as a cancellation, as the DEADLINE_EXCEEDED it is)."""
         stream = self._stream
         try:
@@ -999,14 +850,13 @@ class _Messages:
                     message = await self._iterator.__anext__()
                     break
                 except grpc.aio.AioRpcError as error:
-                    if stream._restart is None:
+                    if not await stream._again(error):
                         raise
-                    stream._call = await stream._restart.next_call(error)
-                    self._iterator = stream._call.__aiter__()
+                    self._iterator = stream._handle.__aiter__()
         except asyncio.CancelledError as cancelled:
-            if _expired(stream._call):
+            if _expired(stream._handle):
                 raise _deadline_exceeded() from cancelled
             raise
-        stream._received()
+        stream._call.first_message()
         self._started = True
         return message

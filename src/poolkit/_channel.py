@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
+from ._call import Call
 from ._config import PoolConfig
 from ._errors import ConfigError
 from ._pool import PoolState, Route, Slot
-from ._retry import Attempts, replayable, resend, with_attempts
 from ._shell import (
     _PARENTS_OBJECTS,
     WHY_METHOD,
@@ -33,13 +33,10 @@ from ._shell import (
     Pooled,
     Serializer,
     checked_grace,
-    end_failed,
     slot_options,
 )
-from ._sync_future import RetryingFuture
-from ._sync_retry import RetryingStream, call_general, next_slot, raise_local, retry_blocking, start_on
+from ._sync_call import CallFuture, CallStream, blocking
 from ._sync_watch import DiscoveryThread, HealthThread
-from ._telemetry import Attempt, CallTrace, start_call
 
 # How long close() waits for each background thread; they stop promptly once told.
 _JOIN_TIMEOUT = 2.0
@@ -347,9 +344,12 @@ def _await_pollers(channels: list[grpc.Channel], deadline: float) -> None:
 
 
 class _MultiCallable(MultiCallableBase):
+    """A method of a poolkit channel: each call is a `_call.Call`, carried out by one of
+    the sync drivers (`_sync_call`)."""
+
     __slots__ = ()
 
-    def _with_call(
+    def _new_call(
         self,
         request: Any,
         timeout: float | None,
@@ -357,68 +357,8 @@ class _MultiCallable(MultiCallableBase):
         credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
-        sample_latency: bool,
-    ) -> tuple[Any, grpc.Call]:
-        """A blocking `with_call` on the chosen slot; its duration is a latency sample
-        only for unary requests (a request stream's pace is the caller's)."""
-        trace = start_call(self._telemetry, metadata)
-        if trace is not None or (sample_latency and self._special):
-            return call_general(  # type: ignore[no-any-return]
-                self,
-                trace,
-                "with_call",
-                request,
-                timeout,
-                metadata,
-                credentials,
-                wait_for_ready,
-                compression,
-                not sample_latency,
-            )
-        pool = self._pool
-        slot = pool.begin(wait_for_ready)
-        call = slot.callables.get(self._id) or self._bind(slot)
-        started = self._clock()
-        # A request stream given as a list (or tuple) is sent from a fresh iterator each attempt.
-        sent = request if sample_latency or not replayable(request, True) else resend(request, True)
-        try:
-            result = call.with_call(sent, timeout, metadata, credentials, wait_for_ready, compression)
-        except grpc.RpcError as error:
-            if end_failed(pool, slot, started if sample_latency else None, error.code(), error.details(), timeout):
-                raise_local(error, timeout)
-            return retry_blocking(  # type: ignore[no-any-return]
-                self,
-                error,
-                self._plan.first(started, timeout, slot.route),
-                "with_call",
-                request,
-                metadata,
-                credentials,
-                wait_for_ready,
-                compression,
-                not sample_latency,
-            )
-        except BaseException:  # grpc refused the call's arguments: nothing was sent
-            pool.end_local(slot)
-            raise
-        pool.end(slot, started if sample_latency else None)
-        return result  # type: ignore[no-any-return]
-
-    def _end_call(
-        self, slot: Slot, started: float | None, call_ref: weakref.ref[Any], attempt: Attempt | None, timeout: object
-    ) -> None:
-        call = call_ref()
-        # A call collected unfinished was cancelled by grpc on the way out.
-        code = call.code() if call is not None else grpc.StatusCode.CANCELLED
-        if code is _OK:
-            self._pool.end(slot, started)
-            if attempt is not None:
-                attempt.done(code, None)
-            return
-        details = call.details() if call is not None else "dropped unfinished"
-        end_failed(self._pool, slot, started, code, details, timeout)
-        if attempt is not None:
-            attempt.done(code, details)
+    ) -> Call:
+        return Call(self._call, request, timeout, metadata, credentials, wait_for_ready, compression)
 
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
@@ -433,37 +373,8 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        trace = start_call(self._telemetry, metadata)
-        if trace is not None or self._special:
-            return call_general(
-                self, trace, None, request, timeout, metadata, credentials, wait_for_ready, compression, False
-            )
-        pool = self._pool
-        slot = pool.begin(wait_for_ready)
-        call = slot.callables.get(self._id) or self._bind(slot)
-        started = self._clock()
-        try:
-            response = call(request, timeout, metadata, credentials, wait_for_ready, compression)
-        except grpc.RpcError as error:
-            if end_failed(pool, slot, started, error.code(), error.details(), timeout):
-                raise_local(error, timeout)
-            return retry_blocking(
-                self,
-                error,
-                self._plan.first(started, timeout, slot.route),
-                None,
-                request,
-                metadata,
-                credentials,
-                wait_for_ready,
-                compression,
-                False,
-            )
-        except BaseException:  # grpc refused the call's arguments: nothing was sent
-            pool.end_local(slot)
-            raise
-        pool.end(slot, started)
-        return response
+        call = self._new_call(request, timeout, metadata, credentials, wait_for_ready, compression)
+        return blocking(self, call, None)
 
     def with_call(
         self,
@@ -474,7 +385,8 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        return self._with_call(request, timeout, metadata, credentials, wait_for_ready, compression, True)
+        call = self._new_call(request, timeout, metadata, credentials, wait_for_ready, compression)
+        return blocking(self, call, "with_call")  # type: ignore[no-any-return]
 
     def future(
         self,
@@ -485,7 +397,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return _future(self, request, timeout, metadata, credentials, wait_for_ready, compression, False)
+        return CallFuture(self, self._new_call(request, timeout, metadata, credentials, wait_for_ready, compression))
 
 
 class _UnaryStream(_MultiCallable, _UnaryStreamBase):
@@ -500,7 +412,7 @@ class _UnaryStream(_MultiCallable, _UnaryStreamBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return _start_stream(self, request, timeout, metadata, credentials, wait_for_ready, compression, False)
+        return CallStream(self, self._new_call(request, timeout, metadata, credentials, wait_for_ready, compression))
 
 
 class _StreamUnary(_MultiCallable, _StreamUnaryBase):
@@ -515,7 +427,8 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return self._with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression, False)[0]
+        call = self._new_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+        return blocking(self, call, None)
 
     def with_call(
         self,
@@ -526,7 +439,8 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        return self._with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression, False)
+        call = self._new_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+        return blocking(self, call, "with_call")  # type: ignore[no-any-return]
 
     def future(
         self,
@@ -537,7 +451,8 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return _future(self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, True)
+        call = self._new_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+        return CallFuture(self, call)
 
 
 class _StreamStream(_MultiCallable, _StreamStreamBase):
@@ -552,119 +467,5 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return _start_stream(self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression, True)
-
-
-def _future(
-    multicallable: _MultiCallable,
-    request: Any,
-    timeout: float | None,
-    metadata: Any,
-    credentials: grpc.CallCredentials | None,
-    wait_for_ready: bool | None,
-    compression: grpc.Compression | None,
-    streaming_request: bool,
-) -> Any:
-    """Start a call that returns a future at once: grpc's own future on a slot of its own
-    when it is never sent again, else one that retries (`RetryingFuture`)."""
-    trace = start_call(multicallable._telemetry, metadata)
-    if trace is not None:
-        metadata = trace.metadata
-    if multicallable._plan.requeues and replayable(request, streaming_request):
-        return RetryingFuture(
-            multicallable,
-            trace,
-            request,
-            timeout,
-            metadata,
-            credentials,
-            wait_for_ready,
-            compression,
-            streaming_request,
-        )
-    slot = _begin(multicallable, wait_for_ready, trace)
-    started = None if streaming_request else multicallable._clock()
-    return start_on(
-        multicallable,
-        slot,
-        "future",
-        started,
-        request,
-        timeout,
-        metadata,
-        credentials,
-        wait_for_ready,
-        compression,
-        trace,
-    )
-
-
-def _start_stream(
-    multicallable: _MultiCallable,
-    request: Any,
-    timeout: float | None,
-    metadata: Any,
-    credentials: grpc.CallCredentials | None,
-    wait_for_ready: bool | None,
-    compression: grpc.Compression | None,
-    streaming_request: bool,
-) -> Any:
-    """Start a response stream; behind a `RetryingStream` when it may be sent again."""
-    trace = start_call(multicallable._telemetry, metadata)
-    if trace is not None:
-        metadata = trace.metadata
-    started = multicallable._clock()
-    again = replayable(request, streaming_request)
-    sent = resend(request, streaming_request) if again else request
-    restartable = again and multicallable._plan.requeues
-    slot = _begin(multicallable, wait_for_ready, trace, restartable)
-    call = start_on(
-        multicallable, slot, None, None, sent, timeout, metadata, credentials, wait_for_ready, compression, trace
-    )
-    if not restartable:
-        return call
-    state: list[Attempts] = []  # made on the first failure
-    route = slot.route
-
-    def restart(error: grpc.RpcError) -> Any:
-        if not state:
-            state.append(multicallable._plan.first(started, timeout, route))
-            state[0].trace = trace
-        attempts = state[0]
-        try:
-            slot, attempt_timeout = next_slot(multicallable, attempts, error, wait_for_ready)
-        except BaseException as failure:
-            if trace is not None:
-                trace.give_up(failure)
-            raise
-        return start_on(
-            multicallable,
-            slot,
-            None,
-            None,
-            resend(request, streaming_request),
-            attempt_timeout,
-            with_attempts(metadata, attempts.previous),
-            credentials,
-            wait_for_ready,
-            compression,
-            trace,
-        )
-
-    return RetryingStream(call, restart, trace)
-
-
-def _begin(
-    multicallable: _MultiCallable, wait_for_ready: bool | None, trace: CallTrace | None, again: bool = False
-) -> Slot:
-    """The first slot of a call that returns at once (a future, a stream); with telemetry,
-    a refusal ends the call's span, and `again` says whether a failed attempt may be
-    followed by another (else the first attempt's end is the call's)."""
-    if trace is None:
-        return multicallable._pool.begin(wait_for_ready)
-    trace.again = again
-    try:
-        return multicallable._pool.begin(wait_for_ready)
-    except BaseException as error:
-        trace.give_up(error)
-        raise
+        call = self._new_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+        return CallStream(self, call)

@@ -3,7 +3,7 @@ several loopback source addresses, one server killed a third of the way through 
 restarted at two thirds, then the same calls made the naive way, a fresh grpc channel
 per request, for contrast.
 
-The pieces are kept apart so a run can be recombined: `_load` drives calls and counts
+The pieces are kept apart so a run can be recombined: `_demo_traffic` drives calls and counts
 them (threads or asyncio tasks), `LocalServers` owns the servers, `FaultSchedule` kills
 and restarts one of them and records the run at each step, `ProgressDisplay` shows a
 running load, the `*_summary` functions turn finished runs into tables, and `run_demo`
@@ -31,8 +31,7 @@ from ._aio_channel import Channel as AioChannel
 from ._aio_channel import insecure_channel as aio_insecure_channel
 from ._channel import insecure_channel
 from ._config import PoolConfig
-from ._errors import ConfigError, SourceBindingUnavailable
-from ._load import (
+from ._demo_traffic import (
     CALL_TIMEOUT,
     AsyncCall,
     AsyncLoad,
@@ -43,6 +42,7 @@ from ._load import (
     LoadResult,
     LoadSnapshot,
 )
+from ._errors import ConfigError, SourceBindingUnavailable
 from ._shell import Pooled
 from .testing import EchoRequest, EchoStub, SpawnedEchoServers, StatsResponse, spawn_echo_servers
 

@@ -9,6 +9,7 @@ own reconnect schedule (1 s × 1.6, ±20 %), capped lower because a health check
 
 from __future__ import annotations
 
+import enum
 import random
 
 import grpc
@@ -16,16 +17,33 @@ from grpc_health.v1 import health_pb2
 
 from ._config import HealthCheck
 
-# What Route.health holds.
-UNCHECKED = "unchecked"  # checks are off for this pool
-UNKNOWN = "unknown"  # no answer yet, or the last attempt failed
-SERVING = "serving"
-NOT_SERVING = "not_serving"  # NOT_SERVING or SERVICE_UNKNOWN: take it out of rotation
-UNIMPLEMENTED = "unimplemented"  # the server has no health service: assume healthy
 
-WATCH = "watch"
-CHECK = "check"
-DONE = "done"  # nothing more to ask
+class Health(enum.StrEnum):
+    """What a route's active health check says (`Route.health`)."""
+
+    UNCHECKED = "unchecked"  # checks are off for this pool
+    UNKNOWN = "unknown"  # no answer yet, or the last attempt failed
+    SERVING = "serving"
+    NOT_SERVING = "not_serving"  # NOT_SERVING or SERVICE_UNKNOWN: take it out of rotation
+    UNIMPLEMENTED = "unimplemented"  # the server has no health service: assume healthy
+
+
+class Mode(enum.Enum):
+    """Which health RPC the checker makes next."""
+
+    WATCH = "watch"
+    CHECK = "check"
+    DONE = "done"  # nothing more to ask
+
+
+UNCHECKED, UNKNOWN, SERVING, NOT_SERVING, UNIMPLEMENTED = (
+    Health.UNCHECKED,
+    Health.UNKNOWN,
+    Health.SERVING,
+    Health.NOT_SERVING,
+    Health.UNIMPLEMENTED,
+)
+WATCH, CHECK, DONE = Mode.WATCH, Mode.CHECK, Mode.DONE
 
 _BACKOFF_FIRST = 1.0
 _BACKOFF_FACTOR = 1.6
@@ -55,12 +73,12 @@ class HealthChecker:
     def request(self) -> health_pb2.HealthCheckRequest:
         return health_pb2.HealthCheckRequest(service=self.config.service)
 
-    def answered(self, response: health_pb2.HealthCheckResponse) -> str:
+    def answered(self, response: health_pb2.HealthCheckResponse) -> Health:
         """An answer arrived (a Check response or a Watch update): the endpoint's health."""
         self._failures = 0
         return _STATUS.get(response.status, UNKNOWN)
 
-    def failed(self, code: grpc.StatusCode | None) -> tuple[str | None, float]:
+    def failed(self, code: grpc.StatusCode | None) -> tuple[Health | None, float]:
         """The check RPC ended with `code` (None: a Watch stream ended without error).
         Returns the endpoint's health now (None: unchanged) and the seconds to wait
         before asking again."""

@@ -18,6 +18,7 @@ route that can still connect (panic); when none can, they fail at once with the 
 from __future__ import annotations
 
 import collections
+import enum
 import math
 import random
 import threading
@@ -33,8 +34,7 @@ from ._budget import TokenBudget
 from ._config import PoolConfig
 from ._errors import ForkedChannelError, PoolClosedError, PoolUnavailableError
 from ._metric import LeastLoaded, LoadMetric, PeakEwma
-from ._source import Source, sources_for
-from ._target import Endpoint
+from ._target import Endpoint, Source, sources_for
 
 Clock = Callable[[], float]
 _Connectivity = grpc.ChannelConnectivity
@@ -45,26 +45,41 @@ _CANCELLED = grpc.StatusCode.CANCELLED
 # was at least that slow. Other failures return fast and would flatter a broken route.
 _SLOW_FAILURES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED})
 
-# Route status, as describe() shows it, in the order they win when several hold.
-DRAINING = "draining"  # removed by discovery; in-flight calls finish, then it closes
-EJECTED = "ejected"  # failure accrual took it out until `ejected_until`
-PROBING = "probing"  # its ejection is over; one call decides whether it comes back
-FAILING = "failing"  # every connection of it is in TRANSIENT_FAILURE (or shut down)
-UNHEALTHY = "unhealthy"  # its health check says NOT_SERVING
-HEALTHY = "healthy"
 
-# Probe progress of a route whose ejection has run out.
-_NO_PROBE = 0
-_PROBE_WAITING = 1  # for a connection to be READY before spending a call on it
-_PROBE_OPEN = 2  # the next call goes there
-_PROBE_SENT = 3  # that call is in flight
+class Status(enum.StrEnum):
+    """A route's status, as describe() shows it, in the order they win when several hold."""
+
+    DRAINING = "draining"  # removed by discovery; in-flight calls finish, then it closes
+    EJECTED = "ejected"  # failure accrual took it out until `ejected_until`
+    PROBING = "probing"  # its ejection is over; one call decides whether it comes back
+    FAILING = "failing"  # every connection of it is in TRANSIENT_FAILURE (or shut down)
+    UNHEALTHY = "unhealthy"  # its health check says NOT_SERVING
+    HEALTHY = "healthy"
+
+
+DRAINING, EJECTED, PROBING, FAILING, UNHEALTHY, HEALTHY = Status
+
+
+class Probe(enum.IntEnum):
+    """Probe progress of a route whose ejection has run out (false when none)."""
+
+    NONE = 0
+    WAITING = 1  # for a connection to be READY before spending a call on it
+    OPEN = 2  # the next call goes there
+    SENT = 3  # that call is in flight
+
+
+_NO_PROBE, _PROBE_WAITING, _PROBE_OPEN, _PROBE_SENT = Probe
 
 _TRANSITIONS_KEPT = 64
 
-# What the retry budget pays for.
-RETRY = "retries"
-REQUEUE = "requeues"
-HEDGE = "hedges"
+
+class Resend(enum.StrEnum):
+    """What the retry budget pays for (and describe() counts under these names)."""
+
+    RETRY = "retries"
+    REQUEUE = "requeues"
+    HEDGE = "hedges"
 
 
 class Slot:
@@ -165,7 +180,7 @@ class Route:
     def errors(self) -> int:
         return sum(slot.errors for slot in self.slots)
 
-    def _status(self) -> str:
+    def _status(self) -> Status:
         if self.draining:
             return DRAINING
         if self.ejected_until is not None:
@@ -239,7 +254,7 @@ class PoolState:
             ratio=budget.ratio, min_per_second=budget.min_per_second, window=budget.window, now=clock()
         )
         # What the budget let through, by kind, and what it refused.
-        self.sent_again = {RETRY: 0, REQUEUE: 0, HEDGE: 0}
+        self.sent_again = dict.fromkeys(Resend, 0)
         self.budget_refused = 0
         self.routes = self.new_routes(endpoints)
         self._refresh(clock(), "")
@@ -289,7 +304,7 @@ class PoolState:
                 raise PoolUnavailableError(self._why_unavailable(now))
             return _take(route)
 
-    def spend(self, kind: str) -> bool:
+    def spend(self, kind: Resend) -> bool:
         """May a retry, requeue or hedge (`kind`) be sent now? Counts it if so, and the
         refusal if not."""
         with self._lock:
@@ -428,7 +443,7 @@ class PoolState:
             if slot.failing:
                 slot.route.connect_error = details
 
-    def set_health(self, route: Route, health: str) -> None:
+    def set_health(self, route: Route, health: _health.Health) -> None:
         """Record what the route's active health check says."""
         with self._lock:
             if route.health == health:
@@ -567,7 +582,7 @@ class PoolState:
         active = []
         for route in self.routes:
             status = route._status()
-            if status != route.status:
+            if status is not route.status:
                 self.transitions.append((now, route.name, route.status, status, why))
                 route.status = status
                 route.changes[status] = route.changes.get(status, 0) + 1
@@ -607,7 +622,7 @@ class PoolState:
                 "in_flight": self.in_flight,
                 "panic": self.panic,
                 "retry_budget": {
-                    **self.sent_again,
+                    **{kind.value: count for kind, count in self.sent_again.items()},
                     "refused": self.budget_refused,
                     "balance": round(self.budget.balance(now), 3),
                 },

@@ -1,11 +1,9 @@
-"""Retry decisions: whether a failed attempt is sent again, after how long, and how.
+"""Retry policy pieces: what a method's plan allows, and the facts of gRPC retries.
 
-One implementation for both shells: they run the attempts and the sleeps, this module
-decides. The decisions are tenacity's strategies (`retry`, `wait`, `stop`) over a
-tenacity `RetryCallState` per failing call. A `Plan` is built once per method; the
-per-call record (`Attempts`) only once that call has failed, so a call that succeeds
-first time builds nothing and asks nothing. The pool's budget is asked last (by the
-shell), so an attempt the policy would not send costs the budget nothing.
+The decisions themselves (requeue or retry, when, where, paid by whom) are made in one
+place, the call state machine (`_call.Call`); this module gives it the method's `Plan`
+(tenacity's strategies, built once per method) and the wire facts: which failures never
+left, the server's pushback, the attempts header, which requests can be sent again.
 
 Two ways to go again:
 - a **requeue**: the attempt provably never reached a server (no connection could be
@@ -18,19 +16,17 @@ Two ways to go again:
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from tenacity import RetryCallState, stop_after_attempt, wait_exponential
-from tenacity.retry import retry_base
-from tenacity.stop import stop_base
+from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_exponential
 from tenacity.wait import wait_base
 
 if TYPE_CHECKING:
     from ._config import RetryPolicy
-    from ._pool import Route
 
 ATTEMPTS_HEADER = "grpc-previous-rpc-attempts"
 PUSHBACK_HEADER = "grpc-retry-pushback-ms"
@@ -41,20 +37,21 @@ PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 # `grpc-previous-rpc-attempts`; these are the cases they covered.
 _NEVER_SENT = ("failed to connect to all addresses", "GOAWAY received; Error code: 0;")
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 
 # A call is requeued at most this many times (each to a route it has not tried).
 MAX_REQUEUES = 25
 
-# What `Plan.decide` returns for "send it again now, as a requeue".
-REQUEUE = -1.0
 
-# Why a call stopped going again, as `Attempts.stopped` records it.
-NOT_RETRYABLE = "not retryable"
-ATTEMPTS_USED = "attempts used"
-DEADLINE = "deadline"
-PUSHBACK = "server pushback"
-NO_REQUEUE = "requeue limit"
+class StopReason(enum.Enum):
+    """Why a call stopped going again."""
+
+    NOT_RETRYABLE = "not retryable"
+    ATTEMPTS_USED = "attempts used"
+    DEADLINE = "deadline"
+    PUSHBACK = "server pushback"
+    NO_REQUEUE = "requeue limit"
+    BUDGET = "retry budget"
+    NO_ENDPOINT = "no endpoint to go to"
 
 
 def never_sent(code: grpc.StatusCode, details: str | None) -> bool:
@@ -63,15 +60,14 @@ def never_sent(code: grpc.StatusCode, details: str | None) -> bool:
 
 
 _MALFORMED = -1.0
-_CLOCK_SLACK = 0.010
 _PUSHBACK_DIGITS = 12
 # A pushback is honoured up to an hour: longer is a server's mistake, not a plan.
 MAX_PUSHBACK = 3600.0
 
 
 def pushback_of(trailing: Iterable[Any] | None) -> float | None:
-    """The server's `grpc-retry-pushback-ms` in seconds; None when absent; `_MALFORMED`
-    (negative) when it is negative or not an integer, which means "do not retry"."""
+    """The server's `grpc-retry-pushback-ms` in seconds; None when absent; a negative
+    number when it is negative or not an integer, which means "do not retry"."""
     for key, value in trailing or ():
         if key != PUSHBACK_HEADER:
             continue
@@ -100,54 +96,8 @@ def with_attempts(metadata: Any, previous: int) -> tuple[tuple[str, Any], ...]:
     return (*pairs, (ATTEMPTS_HEADER, str(previous))) if previous else pairs
 
 
-class Attempts(RetryCallState):
-    """tenacity's record of one failing call, plus what gRPC retries need: the caller's
-    deadline, the routes tried, the requeues, the current attempt's start and timeout."""
-
-    def __init__(self, now: float, timeout: float | None, route: Route | None) -> None:
-        # No tenacity Retrying object: the shells run the loop, with their own sleeps.
-        super().__init__(None, None, (), {})  # type: ignore[arg-type]
-        self.start_time = now
-        self.deadline = None if timeout is None else now + timeout
-        self.tried: set[Route] = set() if route is None else {route}
-        self.requeues = 0
-        self.attempt_started = now
-        self.attempt_deadline: float | None = None  # set when the attempt has its own timeout
-        self.pushback: float | None = None
-        self.timed_out = False  # the last attempt ran out of its own timeout
-        self.stopped = ""  # why the call stopped going again
-        self.trace: Any = None  # the call's telemetry (a _telemetry.CallTrace), when traced
-
-    @property
-    def previous(self) -> int:
-        """Attempts before the current one, requeues not counted (the header's value)."""
-        return self.attempt_number - 1
-
-    @property
-    def last_duration(self) -> float:
-        assert self.outcome_timestamp is not None
-        return self.outcome_timestamp - self.attempt_started
-
-
-class _Retryable(retry_base):
-    """tenacity retry strategy: the policy's codes, or an attempt timeout, for idempotent methods."""
-
-    def __init__(self, policy: RetryPolicy | None) -> None:
-        self._idempotent = policy is not None and policy.idempotent
-        self._codes = policy.codes if policy is not None else frozenset()
-
-    def __call__(self, state: RetryCallState) -> bool:
-        if not self._idempotent:
-            return False
-        assert isinstance(state, Attempts)
-        assert state.outcome is not None
-        error = state.outcome.exception()
-        return state.timed_out or error.code() in self._codes  # type: ignore[union-attr]
-
-
 class _Backoff(wait_base):
-    """tenacity wait strategy: the server's pushback if it sent one, else exponential
-    backoff (tenacity's) with ±jitter."""
+    """tenacity wait strategy: exponential backoff (tenacity's) with ±jitter."""
 
     def __init__(self, policy: RetryPolicy | None, rng: random.Random) -> None:
         initial, multiplier, ceiling, jitter = (
@@ -160,49 +110,44 @@ class _Backoff(wait_base):
         self._rng = rng
 
     def __call__(self, state: RetryCallState) -> float:
-        assert isinstance(state, Attempts)
-        if state.pushback is not None:
-            return state.pushback
         return float(self._exponential(state)) * (1 + self._jitter * (2 * self._rng.random() - 1))
 
 
-class _PastDeadline(stop_base):
-    """tenacity stop strategy: the next attempt, after its backoff, could not finish before
-    the caller's deadline (judging by how long the last one took)."""
-
-    def __call__(self, state: RetryCallState) -> bool:
-        assert isinstance(state, Attempts)
-        assert state.outcome_timestamp is not None
-        if state.deadline is None:
-            return False
-        return state.outcome_timestamp + state.upcoming_sleep + state.last_duration >= state.deadline
+def _never_sleep(_seconds: float) -> None:
+    raise AssertionError("poolkit's drivers wait; tenacity's Retrying only holds the plan's strategies")
 
 
 class Plan:
-    """A method's retry policy as tenacity strategies, built once per method."""
+    """A method's retry policy, built once per method: tenacity's `wait` and `stop`
+    strategies (held by a `Retrying`, whose `RetryCallState` is each failing call's
+    record of attempts), the retryable codes, hedging and the attempt timeout."""
 
-    __slots__ = (
-        "attempt_timeout",
-        "hedging",
-        "latency",
-        "max_attempts",
-        "policy",
-        "requeues",
-        "retry",
-        "stop",
-        "wait",
-    )
+    __slots__ = ("_codes", "_idempotent", "attempt_timeout", "hedging", "latency", "policy", "requeues", "retrying")
 
     def __init__(self, policy: RetryPolicy | None, rng: random.Random) -> None:
         self.policy = policy
         self.requeues = policy is not None
-        self.max_attempts = policy.max_attempts if policy is not None else 1
+        self._idempotent = policy is not None and policy.idempotent
+        self._codes = policy.codes if policy is not None else frozenset()
         self.attempt_timeout = policy.attempt_timeout if policy is not None else None
         self.hedging = hedging = policy.hedging if policy is not None else None
         self.latency = LatencyWindow(hedging.min_samples) if hedging is not None and hedging.delay is None else None
-        self.retry = _Retryable(policy)
-        self.wait = _Backoff(policy, rng)
-        self.stop = stop_after_attempt(self.max_attempts) | _PastDeadline()
+        max_attempts = policy.max_attempts if policy is not None else 1
+        self.retrying = Retrying(
+            stop=stop_after_attempt(max_attempts), wait=_Backoff(policy, rng), sleep=_never_sleep, name="poolkit"
+        )
+
+    def retryable(self, code: grpc.StatusCode, timed_out: bool) -> bool:
+        """Whether a failure the server may have seen is retried: for idempotent methods,
+        on the policy's codes, or when the attempt's own timeout ended it."""
+        return self._idempotent and (timed_out or code in self._codes)
+
+    def backoff(self, record: RetryCallState) -> float:
+        """Seconds to wait before the attempt after `record.attempt_number`."""
+        return float(self.retrying.wait(record))
+
+    def attempts_used(self, record: RetryCallState) -> bool:
+        return bool(self.retrying.stop(record))
 
     def hedge_delay(self) -> float | None:
         """Seconds to wait for an attempt before hedging it; None: do not hedge (yet)."""
@@ -213,68 +158,6 @@ class Plan:
             return hedging.delay
         assert self.latency is not None
         return self.latency.p95
-
-    def first(self, now: float, timeout: float | None, route: Route | None) -> Attempts:
-        """The record of a call that began at `now` with the caller's `timeout`."""
-        return Attempts(now, timeout, route)
-
-    def decide(self, state: Attempts, error: grpc.RpcError, now: float) -> float | None:
-        """After a failed attempt: the seconds to wait before the next attempt, `REQUEUE`
-        to send it again at once as a requeue, or None to give up (`state.stopped` says why)."""
-        code: grpc.StatusCode = error.code()
-        if never_sent(code, error.details()):
-            if not self.requeues:
-                state.stopped = NOT_RETRYABLE
-            elif state.requeues >= MAX_REQUEUES:
-                state.stopped = NO_REQUEUE
-            elif state.deadline is not None and now >= state.deadline:
-                state.stopped = DEADLINE
-            else:
-                state.requeues += 1
-                return REQUEUE
-            return None
-        state.set_exception((type(error), error, None))
-        state.outcome_timestamp = now
-        attempt_deadline = state.attempt_deadline
-        # The attempt's own timeout was the nearer one and has run out (give or take grpc's
-        # millisecond rounding): that is what ended it, not the server's answer.
-        state.timed_out = (
-            code is _DEADLINE_EXCEEDED
-            and attempt_deadline is not None
-            and now >= attempt_deadline - _CLOCK_SLACK
-            and (state.deadline is None or attempt_deadline < state.deadline)
-        )
-        if not self.retry(state):
-            state.stopped = NOT_RETRYABLE
-            return None
-        pushback = pushback_of(error.trailing_metadata())
-        if pushback == _MALFORMED:
-            state.stopped = PUSHBACK
-            return None
-        state.pushback = pushback
-        state.upcoming_sleep = self.wait(state)
-        if self.stop(state):
-            state.stopped = ATTEMPTS_USED if state.attempt_number >= self.max_attempts else DEADLINE
-            return None
-        return state.upcoming_sleep
-
-    def next_timeout(self, state: Attempts, delay: float, now: float) -> float | None:
-        """Start the next attempt (after `delay`, or a requeue) at `now`: its timeout, the
-        least of the caller's remaining time and the policy's attempt timeout."""
-        if delay != REQUEUE:
-            state.prepare_for_next_attempt()
-            state.idle_for += delay
-        state.attempt_started = now
-        return self.first_timeout(state, now)
-
-    def first_timeout(self, state: Attempts, now: float) -> float | None:
-        remaining = None if state.deadline is None else state.deadline - now
-        limit = self.attempt_timeout
-        if limit is not None and (remaining is None or limit < remaining):
-            state.attempt_deadline = now + limit
-            return limit
-        state.attempt_deadline = None
-        return remaining
 
 
 class LatencyWindow:

@@ -14,12 +14,13 @@ import grpc
 
 from . import _fork, _source, _telemetry
 from ._budget import MAX_NUMBER, is_finite
+from ._call import Method
 from ._config import PoolConfig
 from ._discovery import Discovery
-from ._errors import ConfigError, PoolUnavailableError
-from ._pool import HEDGE, PoolState, Route, Slot
-from ._retry import Attempts, Plan
-from ._target import Endpoint
+from ._errors import ConfigError
+from ._pool import PoolState, Route, Slot
+from ._retry import Plan
+from ._target import Endpoint, sources_for
 
 _log = logging.getLogger("poolkit")
 _READY = grpc.ChannelConnectivity.READY
@@ -78,36 +79,6 @@ def validated_options(options: ChannelOptions | None) -> list[tuple[str, Any]]:
 # does get through.
 WHY_METHOD = "/grpc.health.v1.Health/Check"
 WHY_TIMEOUT = 5.0
-
-# What grpc says of a call it failed itself, before sending anything.
-_LOCAL_DETAILS = frozenset({"Invalid metadata", "Exception serializing request!"})
-_INTERNAL = grpc.StatusCode.INTERNAL
-_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-def failed_locally(code: grpc.StatusCode | None, details: str | None, timeout: object) -> bool:
-    """Whether a call that ended with `code` never left this process: grpc refused its
-    metadata or could not serialise its request, or its deadline had passed before it
-    started (a timeout of 0 or less, or NaN). Such a failure is the caller's, not the
-    endpoint's (`PoolState.end_local`)."""
-    if code is _INTERNAL:
-        return details in _LOCAL_DETAILS
-    if code is _DEADLINE_EXCEEDED:
-        return isinstance(timeout, int | float) and not timeout > 0
-    return False
-
-
-def end_failed(
-    pool: PoolState, slot: Slot, started: float | None, code: grpc.StatusCode, details: str | None, timeout: object
-) -> bool:
-    """Report an attempt on `slot` that failed with `code`: the endpoint's failure, unless
-    it never left this process (`failed_locally`); then True, the caller's mistake, not
-    to be sent again."""
-    if failed_locally(code, details, timeout):
-        pool.end_local(slot)
-        return True
-    pool.end(slot, started, code)
-    return False
 
 
 def checked_grace(grace: object) -> float | None:
@@ -190,7 +161,7 @@ class Pooled:
         if endpoints is not None and not pool.closed:
             new = pool.unknown(endpoints)
             for endpoint in new:
-                if not _source.sources_for(endpoint, pool.sources) and endpoint not in self._unroutable:
+                if not sources_for(endpoint, pool.sources) and endpoint not in self._unroutable:
                     self._unroutable.add(endpoint)
                     _log.warning(
                         "poolkit channel to %s: no source address of the family of %s; it gets no connection",
@@ -281,21 +252,22 @@ class Pooled:
         return f"<{self._public_name} {pool.target!r} {state} endpoints={len(pool.routes)} in_flight={pool.in_flight}>"
 
 
+_UNARY_RESPONSE = frozenset({"unary_unary", "stream_unary"})
+_STREAMING_REQUEST = frozenset({"stream_unary", "stream_stream"})
+
+
 class MultiCallableBase:
     """What every multicallable shares: the method, and each slot's own grpc multicallable."""
 
     __slots__ = (
-        "_clock",
+        "_call",
         "_deserializer",
         "_id",
         "_kind",
         "_method",
-        "_plan",
         "_pool",
         "_registered",
         "_serializer",
-        "_special",
-        "_telemetry",
     )
 
     def __init__(
@@ -310,21 +282,24 @@ class MultiCallableBase:
         if not isinstance(method, str) or not method.startswith("/"):
             raise ConfigError("method", method, "must be a full method name like '/package.Service/Method'")
         self._pool = channel._pool
-        self._clock = channel._pool.clock
         self._kind = kind
         self._method = method
         self._serializer = request_serializer
         self._deserializer = response_deserializer
         self._registered = registered
         self._id = channel._method_id((kind, method, request_serializer, response_deserializer, registered))
-        self._plan = plan = channel._plan(method)
-        # Whether a call needs more than one plain attempt from the start: hedged, or each
-        # attempt under its own timeout. Plain calls test this one flag and go straight on.
-        self._special = plan.hedging is not None or plan.attempt_timeout is not None
-        self._telemetry = (
+        telemetry = (
             _telemetry.MethodTelemetry(method, channel._pool.target, registered, channel._semconv)
             if channel.config.telemetry
             else None
+        )
+        # What every call of this method shares, for its state machine (`_call.Call`).
+        self._call = Method(
+            channel._pool,
+            channel._plan(method),
+            unary_response=kind in _UNARY_RESPONSE,
+            streaming_request=kind in _STREAMING_REQUEST,
+            telemetry=telemetry,
         )
 
     def _bind(self, slot: Slot) -> Any:
@@ -336,43 +311,3 @@ class MultiCallableBase:
 
     def __repr__(self) -> str:
         return f"<poolkit {self._kind} {self._method}>"
-
-
-def take_hedge_slot(multicallable: MultiCallableBase, state: Attempts, wait_for_ready: bool | None) -> Slot | None:
-    """The slot for a hedge, on an endpoint the call has not tried, if the deadline and
-    the budget allow one; the hedge counts as the call's next attempt."""
-    pool = multicallable._pool
-    if state.deadline is not None and state.deadline <= multicallable._clock():
-        return None
-    if not pool.has_untried(state.tried):
-        return None
-    slot = take_again(pool, state, HEDGE, wait_for_ready, fresh_only=True)
-    if slot is not None:
-        state.prepare_for_next_attempt()
-    return slot
-
-
-def take_again(
-    pool: PoolState, state: Attempts, unpaid: str | None, wait_for_ready: bool | None, *, fresh_only: bool = False
-) -> Slot | None:
-    """The slot for the call's next attempt (`PoolState.begin_again`), or None when the
-    pool has none; `unpaid`: the kind the budget must pay for now, once a slot is found
-    (so an attempt that is not sent is never paid for), None when already paid."""
-    try:
-        slot = pool.begin_again(wait_for_ready, state.tried, fresh_only=fresh_only)
-    except PoolUnavailableError:
-        return None
-    if unpaid is not None and not may_send_again(pool, state, unpaid):
-        pool.untake(slot)
-        return None
-    return slot
-
-
-def may_send_again(pool: PoolState, state: Attempts, kind: str) -> bool:
-    """Whether the retry budget lets the call go out again as `kind` (retries, requeues,
-    hedges); a refusal is an event of the call's span."""
-    if pool.spend(kind):
-        return True
-    if state.trace is not None:
-        state.trace.refused(kind)
-    return False

@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 
 from ._errors import ConfigError, SourceBindingUnavailable
-from ._target import Endpoint
+from ._target import Endpoint, Source, sources_for
 
 # <linux/in.h>: bind() picks no port; connect() does, per (source, destination) 4-tuple.
 IP_BIND_ADDRESS_NO_PORT = 24
@@ -74,21 +74,6 @@ class _Mutator(ctypes.Structure):
         ("vtable", ctypes.POINTER(_Vtable)),
         ("refcount", ctypes.c_ssize_t),  # gpr_refcount: one intptr_t
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """A local address that connections may be bound to."""
-
-    address: str  # compressed IP literal
-
-    @property
-    def is_ipv6(self) -> bool:
-        return ":" in self.address
-
-    def serves(self, host: str) -> bool:
-        """Whether a connection to `host` (an IP literal) can leave from this source."""
-        return self.is_ipv6 == (":" in host)
 
 
 class SourceBinding:
@@ -265,14 +250,6 @@ def resolve_sources(names: Sequence[str]) -> list[Source]:
             _check_local(address, name)
             sources.setdefault(address, Source(address))
     return list(sources.values())
-
-
-def sources_for(endpoint: Endpoint, sources: Sequence[Source]) -> list[Source | None]:
-    """The sources a route to `endpoint` may leave from: those of its address family;
-    [None] (unbound) when the pool binds none."""
-    if not sources:
-        return [None]
-    return [source for source in sources if source.serves(endpoint.host)]
 
 
 def check_routable(endpoints: Iterable[Endpoint], sources: Sequence[Source]) -> None:

@@ -56,7 +56,7 @@ class HealthThread:
                 self._pool.set_health(self._route, health)
             self._stop.wait(delay)
 
-    def _watch(self, stub: health_pb2_grpc.HealthStub) -> tuple[str | None, float]:
+    def _watch(self, stub: health_pb2_grpc.HealthStub) -> tuple[_health.Health | None, float]:
         checker = self._checker
         # wait_for_ready: while the endpoint is down, wait for it rather than spin.
         call = stub.Watch(checker.request, wait_for_ready=True)
@@ -67,7 +67,7 @@ class HealthThread:
             self._pool.set_health(self._route, checker.answered(response))
         return checker.failed(None)
 
-    def _check(self, stub: health_pb2_grpc.HealthStub) -> tuple[str | None, float]:
+    def _check(self, stub: health_pb2_grpc.HealthStub) -> tuple[_health.Health | None, float]:
         checker = self._checker
         response = stub.Check(checker.request, timeout=checker.config.timeout, wait_for_ready=True)
         return checker.answered(response), checker.interval

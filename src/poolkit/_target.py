@@ -162,3 +162,26 @@ def _resolve(host: str, port: int, target: object) -> list[str]:
     if not addresses:
         raise ConfigError("target", target, f"{host!r} resolved to no IP address")
     return addresses
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A local address that connections may be bound to."""
+
+    address: str  # compressed IP literal
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.address
+
+    def serves(self, host: str) -> bool:
+        """Whether a connection to `host` (an IP literal) can leave from this source."""
+        return self.is_ipv6 == (":" in host)
+
+
+def sources_for(endpoint: Endpoint, sources: Sequence[Source]) -> list[Source | None]:
+    """The sources a route to `endpoint` may leave from: those of its address family;
+    [None] (unbound) when the pool binds none."""
+    if not sources:
+        return [None]
+    return [source for source in sources if source.serves(endpoint.host)]

@@ -28,7 +28,6 @@ needs them, and made again if it changes, so a provider set after poolkit is imp
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
@@ -49,12 +48,11 @@ from ._target import split_host_port, split_target
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from ._call import Attempt as CallAttempt
     from ._pool import Route
     from ._shell import Pooled
 
 _OK = grpc.StatusCode.OK
-_UNKNOWN = grpc.StatusCode.UNKNOWN
-_CANCELLED = grpc.StatusCode.CANCELLED
 _UNBOUND = "default"  # poolkit.source_address of connections not bound to a source
 
 # gRPC's latency buckets for its duration histograms (A66), in seconds.
@@ -250,58 +248,38 @@ def start_call(method: MethodTelemetry | None, metadata: Any) -> CallTrace | Non
 
 
 class Attempt:
-    """One attempt of a traced call: where it went, when, how it ended, and its span."""
+    """Telemetry's view of one attempt of a traced call: when it ran and its span."""
 
-    __slots__ = (
-        "call",
-        "code",
-        "details",
-        "ejections",
-        "ended",
-        "number",
-        "route",
-        "span",
-        "started",
-        "wall_ended",
-        "wall_started",
-    )
+    __slots__ = ("code", "details", "ejections", "ended", "span", "started", "wall_ended", "wall_started")
 
-    def __init__(self, call: CallTrace, number: int, route: Route, wall: int | None) -> None:
-        self.call = call
-        self.number = number
-        self.route = route
+    def __init__(self, ejections: int, wall: int | None) -> None:
         self.started = time.perf_counter()
         self.ended: float | None = None
         self.wall_started = wall
         self.wall_ended: int | None = None
         self.span: Any = None
-        self.ejections = route.ejections
+        self.ejections = ejections  # the route's ejections when it started
         self.code: grpc.StatusCode | None = None
         self.details: str | None = None
 
-    def done(self, code: grpc.StatusCode, details: str | None) -> None:
-        """The attempt ended with `code` (the pool has been told): `CallTrace.attempt_done`."""
-        self.call.attempt_done(self, code, details)
-
 
 class CallTrace:
-    """The telemetry of one logical call: its span, the metadata it sends (the caller's
-    plus the trace context), its attempts, and the metrics they record.
+    """The telemetry of one logical call, an observer of its state machine (`_call.Call`):
+    its span, the metadata it sends (the caller's plus the trace context), and the
+    metrics its attempts record. It decides nothing: the call says when an attempt
+    starts and ends and when the call is over.
 
     Thread-safe: the attempts of a hedged or retrying call start and end in different threads.
     """
 
     __slots__ = (
         "_lock",
-        "again",
         "attempts",
         "context",
         "ended",
         "instruments",
-        "last",
         "metadata",
         "method",
-        "pending",
         "span",
         "split",
         "started",
@@ -313,14 +291,8 @@ class CallTrace:
         self.instruments = instruments
         self.started = time.perf_counter()
         self._lock = threading.Lock()
-        self.attempts: list[Attempt] = []
-        self.last: Attempt | None = None
+        self.attempts: list[tuple[Attempt, Route]] = []
         self.ended = False
-        # Whether something (a retry loop, a retrying future or stream) may still send
-        # the call again after a failed attempt and will say when the call is over; if
-        # not, the end of an attempt is the end of the call.
-        self.again = True
-        self.pending: tuple[grpc.StatusCode, str | None, Attempt | None] | None = None
         self.split = False  # attempts get spans of their own
         tracer = instruments.tracer
         self.context: Context | None = None
@@ -339,107 +311,83 @@ class CallTrace:
 
     # -- attempts ------------------------------------------------------------------------
 
-    def attempt(self, route: Route, hedge: bool = False) -> Attempt:
-        """An attempt of the call starts on `route`. From the second attempt on (or a
-        hedged call's first), each attempt gets a span; the first gets its own late."""
+    def attempt_started(self, attempt: CallAttempt) -> Attempt:
+        """`attempt` of the call starts. From the second attempt on (or any of a hedged
+        call), each attempt gets a span; the first gets its own late."""
+        route = attempt.slot.route
         traced = self.span is not None
+        observed = Attempt(route.ejections, time.time_ns() if traced else None)
         with self._lock:
-            attempt = Attempt(self, len(self.attempts) + 1, route, time.time_ns() if traced else None)
-            self.attempts.append(attempt)
-            self.last = attempt
-            self.pending = None  # the call goes on: an earlier attempt's failure is not its end
-            if traced and not self.ended and (self.split or hedge or attempt.number > 1):
+            self.attempts.append((observed, route))
+            if traced and not self.ended and (self.split or attempt.hedged or attempt.number > 1):
                 self.split = True
-                for each in self.attempts:
+                for number, (each, where) in enumerate(self.attempts, 1):
                     if each.span is None:
-                        self._attempt_span(each)
+                        self._attempt_span(each, where, number)
         meters = self.instruments.meters
         if meters is not None:
             meters.attempt_started.add(1, self.method.metric_attributes)
-        return attempt
+        return observed
 
-    def _attempt_span(self, attempt: Attempt) -> None:
+    def _attempt_span(self, observed: Attempt, route: Route, number: int) -> None:
         """The span of an attempt, closed at once if the attempt is over (lock held)."""
         tracer = self.instruments.tracer
         assert tracer is not None
-        attempt.span = tracer.start_span(
+        observed.span = tracer.start_span(
             self.method.attempt_name,
             context=self.context,
             kind=SpanKind.INTERNAL,
-            attributes={"poolkit.attempt": attempt.number, **_where(attempt.route)},
-            start_time=attempt.wall_started,
+            attributes={"poolkit.attempt": number, **_where(route)},
+            start_time=observed.wall_started,
         )
-        if attempt.code is not None:
-            self._close_attempt_span(attempt)
+        if observed.code is not None:
+            self._close_attempt_span(observed)
 
-    def _close_attempt_span(self, attempt: Attempt) -> None:
-        code = attempt.code
+    def _close_attempt_span(self, observed: Attempt) -> None:
+        code = observed.code
         assert code is not None
-        span = attempt.span
+        span = observed.span
         span.set_attributes(self.method.semconv.status(code))
         if code is not _OK:
-            span.set_status(Status(StatusCode.ERROR, attempt.details))
-        span.end(end_time=attempt.wall_ended)
+            span.set_status(Status(StatusCode.ERROR, observed.details))
+        span.end(end_time=observed.wall_ended)
 
-    def attempt_done(self, attempt: Attempt, code: grpc.StatusCode, details: str | None) -> None:
-        """An attempt ended with `code` (the pool has been told). If it succeeded, or
-        nothing will send the call again, so did the call; else the call's end waits
-        for whoever decides (`end`, `give_up`)."""
-        attempt.ended = time.perf_counter()
+    def attempt_ended(self, attempt: CallAttempt, code: grpc.StatusCode, details: str | None) -> None:
+        """`attempt` ended with `code` (the pool has been told)."""
+        observed: Attempt = attempt.observed
+        observed.ended = time.perf_counter()
         meters = self.instruments.meters
         if meters is not None:
-            meters.attempt_duration.record(attempt.ended - attempt.started, self.method.by_status[code])
+            meters.attempt_duration.record(observed.ended - observed.started, self.method.by_status[code])
         span = self.span
-        if span is not None:
-            with self._lock:
-                attempt.wall_ended = time.time_ns()
-                attempt.details = details
-                attempt.code = code
-                if attempt.span is not None:
-                    self._close_attempt_span(attempt)
-            if attempt.route.ejections != attempt.ejections and not self.ended:
-                span.add_event("poolkit.endpoint.ejected", _where(attempt.route))
-        else:
-            attempt.code = code
-        if code is _OK or not self.again:
-            self.end(code, details, attempt)
-        else:
-            self.pending = (code, details, attempt)
+        if span is None:
+            observed.code = code
+            return
+        with self._lock:
+            observed.wall_ended = time.time_ns()
+            observed.details = details
+            observed.code = code
+            if observed.span is not None:
+                self._close_attempt_span(observed)
+        route = attempt.slot.route
+        if route.ejections != observed.ejections and not self.ended:
+            span.add_event("poolkit.endpoint.ejected", _where(route))
 
     def refused(self, kind: str) -> None:
         """The retry budget refused to send the call again (`kind`: retries, requeues, hedges)."""
         span = self.span
         if span is not None and not self.ended:
-            span.add_event("poolkit.retry_budget.exhausted", {"poolkit.retry.kind": kind})
+            span.add_event("poolkit.retry_budget.exhausted", {"poolkit.retry.kind": str(kind)})
 
-    # -- the end ---------------------------------------------------------------------------
-
-    def no_more(self) -> None:
-        """Nothing will send the call again from now on (a stream delivered a message):
-        the current attempt's end is the call's."""
-        self.again = False
-        pending = self.pending
-        if pending is not None:
-            self.end(*pending)
-
-    def give_up(self, error: BaseException) -> None:
-        """The call is over with `error`, which the caller is told. Only a grpc error's
-        details are recorded: another exception's text might quote the request."""
-        if isinstance(error, grpc.RpcError):
-            self.end(error.code(), error.details())
-        elif isinstance(error, asyncio.CancelledError):
-            self.end(_CANCELLED, "the caller's task was cancelled")
-        else:
-            self.end(_UNKNOWN, type(error).__qualname__)
-
-    def end(self, code: grpc.StatusCode, details: str | None, answered: Attempt | None = None) -> None:
-        """The call is over with `code`; `answered` is the attempt that said so. Once."""
+    def call_ended(
+        self, code: grpc.StatusCode, details: str | None, answered: CallAttempt | None, attempts: int
+    ) -> None:
+        """The call is over with `code`; `answered` is the attempt that said so (None when
+        none did: the pool refused it, or it was cancelled between attempts). Once."""
         with self._lock:
             if self.ended:
                 return
             self.ended = True
-            last = answered or self.last
-            attempts = len(self.attempts)
         meters = self.instruments.meters
         if meters is not None:
             meters.call_duration.record(time.perf_counter() - self.started, self.method.by_status[code])
@@ -448,10 +396,11 @@ class CallTrace:
             return
         attributes = self.method.semconv.status(code)
         attributes["poolkit.attempt"] = attempts
-        if last is not None:
-            attributes.update(_where(last.route))
+        route = answered.slot.route if answered is not None else (self.attempts[-1][1] if self.attempts else None)
+        if route is not None:
+            attributes.update(_where(route))
             if self.method.server is None:
-                attributes["server.address"], attributes["server.port"] = _authority(last.route)
+                attributes["server.address"], attributes["server.port"] = _authority(route)
         span.set_attributes(attributes)
         if code is not _OK:
             span.set_status(Status(StatusCode.ERROR, details))
