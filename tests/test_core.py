@@ -8,14 +8,13 @@ import itertools
 import json
 import math
 import random
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import pytest
-from _support import FakeClock, wait_until
+from _support import FakeClock
 
 from poolkit import ConfigError, PoolClosedError, PoolConfig
 from poolkit._balancer import PowerOfTwoChoices, RoundRobin
@@ -473,30 +472,28 @@ def test_closed_pool_rejects_new_calls(clock: FakeClock, rng: random.Random) -> 
     assert pool.describe()["state"] == "closed"
 
 
-def test_close_with_grace_waits_for_calls_in_flight(clock: FakeClock, rng: random.Random) -> None:
+def test_close_tells_when_the_last_call_in_flight_ends(clock: FakeClock, rng: random.Random) -> None:
+    """The core never waits: closing with a grace is the shell's wait, for `on_idle`."""
     pool = make_pool(clock, rng)
-    slot = pool.begin()
-    at_return: list[int] = []
-    closer = threading.Thread(target=lambda: at_return.append(pool.close(grace=5.0) and pool.in_flight))
+    first, second = pool.begin(), pool.begin()
+    told: list[int] = []
 
-    closer.start()
-    wait_until(lambda: pool.closed, "close() to stop admitting calls")
-    pool.end(slot, None, None)
-    closer.join(timeout=5.0)
+    assert pool.close(lambda: told.append(pool.in_flight)) is True
+    assert told == []
+    pool.end(first, None, None)
+    assert told == []
+    pool.end(second, None, grpc.StatusCode.UNAVAILABLE)
+    assert told == [0]
+    assert pool.close(lambda: told.append(-1)) is False, "closed once"
+    assert told == [0]
 
-    assert not closer.is_alive()
-    assert at_return == [0], "close(grace) returned while a call was still in flight"
 
-
-def test_close_grace_is_a_limit(clock: FakeClock, rng: random.Random) -> None:
+def test_close_with_nothing_in_flight_tells_at_once(clock: FakeClock, rng: random.Random) -> None:
     pool = make_pool(clock, rng)
-    slot = pool.begin()
+    told: list[bool] = []
 
-    assert pool.close(grace=0.01) is True  # nothing ends the call: the grace runs out
-
-    assert pool.in_flight == 1
-    pool.end(slot, None, None)
-    assert pool.in_flight == 0
+    assert pool.close(lambda: told.append(True)) is True
+    assert told == [True]
 
 
 def test_pool_connectivity_is_its_best_slot(clock: FakeClock, rng: random.Random) -> None:

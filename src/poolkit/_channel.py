@@ -238,8 +238,12 @@ class Channel(Pooled, grpc.Channel):
     def close(self, grace: float | None = None) -> None:
         """Stop admitting calls, wait up to `grace` seconds for those in flight, then close
         every connection (cancelling what is still running). Idempotent."""
-        if not self._pool.close(checked_grace(grace)):
+        grace = checked_grace(grace)
+        idle = threading.Event()
+        if not self._pool.close(idle.set):
             return
+        if grace:
+            idle.wait(grace)
         self._stop_background()
         self._close_routes(list(self._pool.routes))
         with self._lock:

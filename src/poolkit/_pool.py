@@ -233,8 +233,8 @@ class PoolState:
         self.clock = clock
         self.rng = rng
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
         self.closed = False
+        self._on_idle: Callable[[], None] | None = None  # told when, closed, the last call ends
         self.forked_from: str | None = None  # why this copy of the pool is closed in a forked child
         self.connectivity = _Connectivity.IDLE
         self.panic = False
@@ -348,8 +348,8 @@ class PoolState:
         with self._lock:
             slot.pending -= 1
             slot.route.metric.pending -= 1
-            if self.closed or slot.route.draining:
-                self._idle.notify_all()
+            if self.closed:
+                self._idle_yet()
 
     def has_untried(self, tried: set[Route]) -> bool:
         """Whether a route in rotation is not among `tried` (somewhere for a hedge to go)."""
@@ -391,8 +391,8 @@ class PoolState:
                     accrual.success(now)
                 elif (why := accrual.failure(now)) is not None:
                     self._eject(route, now, why)
-            if self.closed or route.draining:
-                self._idle.notify_all()
+            if self.closed:
+                self._idle_yet()
 
     def end_local(self, slot: Slot) -> None:
         """A call on `slot` failed before its request left this process: the caller's
@@ -408,8 +408,8 @@ class PoolState:
             route.metric.pending -= 1
             if route.probe == _PROBE_SENT:
                 self._open_probe(route)
-            if self.closed or route.draining:
-                self._idle.notify_all()
+            if self.closed:
+                self._idle_yet()
 
     # -- what the shells report -----------------------------------------------------------
 
@@ -503,7 +503,7 @@ class PoolState:
         """In a forked child (one thread): closed, calls refused saying `why`, and a fresh
         lock (a parent thread may have held this one when the process was copied)."""
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
+        self._on_idle = None
         self.closed = True
         self.forked_from = why
 
@@ -512,15 +512,23 @@ class PoolState:
             return ForkedChannelError(self.forked_from)
         return PoolClosedError(f"poolkit channel to {self.target} is closed")
 
-    def close(self, grace: float | None = None) -> bool:
-        """Stop admitting calls; with a grace, wait up to that long for in-flight calls to
-        finish. True if this call closed the pool, False if it was already closed."""
+    def close(self, on_idle: Callable[[], None] | None = None) -> bool:
+        """Stop admitting calls. True if this call closed the pool, False if it was already
+        closed. `on_idle` is called (lock held: it must only signal) once nothing is in
+        flight, now or when the last call ends: a shell that closes with a grace waits for it."""
         with self._lock:
-            was_open = not self.closed
+            if self.closed:
+                return False
             self.closed = True
-            if grace is not None and grace > 0:
-                self._idle.wait_for(lambda: self.in_flight == 0, timeout=grace)
-        return was_open
+            self._on_idle = on_idle
+            self._idle_yet()
+        return True
+
+    def _idle_yet(self) -> None:
+        """The pool is closed: tell whoever waits once its last call has ended (lock held)."""
+        if self._on_idle is not None and self.in_flight == 0:
+            self._on_idle()
+            self._on_idle = None
 
     # -- decisions (called with the lock held) --------------------------------------------
 
