@@ -8,6 +8,7 @@ import asyncio
 import gc
 import json
 import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -596,3 +597,72 @@ async def test_a_pool_with_no_connection_names_why_each_failed() -> None:
     details = raised.value.details() or ""
     assert f"every endpoint is unavailable ({target} failing to connect: " in details, details
     assert "Connection refused" in details, details
+
+
+# -- construction on a running loop ---------------------------------------------------------------
+#
+# What would block (a DNS lookup, a resolver, the source-binding self-check) runs in a worker
+# thread when a channel is made on a running loop; calls made meanwhile wait for it.
+
+
+def _held_resolver(servers: EchoServers, release: threading.Event) -> Any:
+    """A resolver that answers `servers` only once `release` is set (10 s at most): if
+    construction waited for it on the loop, nothing could set it in time."""
+
+    def resolve(_target: str) -> list[str]:
+        assert release.wait(10), "the resolver was never released: construction blocked the loop"
+        return servers.addresses
+
+    return resolve
+
+
+@aio_test
+async def test_construction_on_a_loop_leaves_the_first_resolution_to_a_worker_thread(
+    fresh_servers: EchoServers,
+) -> None:
+    release = threading.Event()
+    config = poolkit.PoolConfig(resolver=_held_resolver(fresh_servers, release), health_check=None)
+    async with poolkit.aio.insecure_channel("echo.internal", config=config) as channel:
+        stub = EchoStub(channel)
+        assert channel.describe()["endpoints"] == []
+        unary = stub.Unary(EchoRequest(payload=b"early"), timeout=10)  # made before the answer
+        stream = stub.ServerStream(EchoRequest(repeat=2), timeout=10)
+        ready = asyncio.ensure_future(channel.channel_ready())
+        await asyncio.sleep(0)
+        assert not ready.done(), "channel_ready() waits for the first resolution"
+        release.set()
+
+        assert (await unary).payload == b"early"
+        assert [reply.index async for reply in stream] == [0, 1]
+        await asyncio.wait_for(ready, 10)
+        assert {e["address"] for e in channel.describe()["endpoints"]} == set(fresh_servers.addresses)
+        await settled(channel)
+
+
+@aio_test
+async def test_a_call_cancelled_while_the_first_resolution_runs_is_never_sent(fresh_servers: EchoServers) -> None:
+    release = threading.Event()
+    config = poolkit.PoolConfig(resolver=_held_resolver(fresh_servers, release), health_check=None)
+    async with poolkit.aio.insecure_channel("echo.internal", config=config) as channel:
+        call = EchoStub(channel).Unary(EchoRequest(), timeout=10)
+        assert call.cancel()
+        assert call.cancelled()
+        assert call.done()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await channel.channel_ready()
+        assert served(fresh_servers) == 0
+        assert totals(channel) == (0, 0)
+
+
+@aio_test
+async def test_a_target_that_does_not_resolve_fails_calls_at_once_saying_why() -> None:
+    async with poolkit.aio.insecure_channel(
+        "no-such-host.invalid:50051", config=poolkit.PoolConfig(health_check=None)
+    ) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await EchoStub(channel).Unary(EchoRequest(), timeout=10)
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "no-such-host.invalid" in raised.value.details()
+        assert "has no endpoint" in raised.value.details()

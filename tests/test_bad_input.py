@@ -305,6 +305,7 @@ def test_duplicate_endpoints_are_merged_silently(cluster: EchoServers, shell: st
 
         async def describe() -> list[dict[str, Any]]:
             async with poolkit.aio.insecure_channel(target, config=config) as channel:
+                await channel.channel_ready()  # made on the loop: the name is looked up off it
                 return channel.describe()["endpoints"]  # type: ignore[no-any-return]
 
         endpoints = run(describe())

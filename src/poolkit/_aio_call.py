@@ -116,6 +116,10 @@ class _MultiCallable(MultiCallableBase):
         if self._owner._tasks is None:
             self._owner._start_background()
         call = Call(self._call, request, timeout, metadata, credentials, wait_for_ready, compression)
+        if self._owner.resolving:
+            # The channel's first resolution is still running off the loop: the call
+            # starts once it is in, when first awaited, read or written.
+            return _Stream(self, call, None, None) if self._streaming else _UnaryCall(self, call, None, None)
         if call.start() is Step.FINISH:
             raise _aio_error(call.error)
         attempt = call.sending
@@ -235,18 +239,109 @@ def _finished(coroutine: Any, otherwise: Any) -> Any:
     return otherwise
 
 
-class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
-    """A unary-response call that may be sent again: awaiting it awaits the current
-    attempt and, while the call goes on, the next. Everything else is the current
-    attempt's (grpc's call object)."""
+class _Proxy:
+    """What poolkit.aio's call objects share: the call's state machine, its current
+    attempt (grpc's call object, `_handle`), to which the rest of grpc.aio's call API
+    passes through, and a start put off while the channel's first resolution runs."""
 
-    __slots__ = ("_attempt", "_call", "_handle", "_multicallable")
+    __slots__ = ("_attempt", "_call", "_callbacks", "_handle", "_multicallable", "_starting")
 
-    def __init__(self, multicallable: _MultiCallable, call: Call, attempt: Attempt, handle: Any) -> None:
+    def __init__(self, multicallable: _MultiCallable, call: Call, attempt: Attempt | None, handle: Any) -> None:
         self._multicallable = multicallable
         self._call = call
         self._attempt = attempt
         self._handle = handle
+        self._starting: asyncio.Future[None] | None = None
+        self._callbacks: list[Callable[[Any], None]] = []
+
+    @property
+    def _current(self) -> Attempt:
+        """The attempt in flight (or the last to end), once the call has started."""
+        attempt = self._attempt
+        assert attempt is not None
+        return attempt
+
+    async def _started(self) -> Any:
+        """The current attempt, once the call has started."""
+        if self._handle is None:
+            if self._starting is None:
+                self._starting = asyncio.ensure_future(self._start_late())
+            await self._starting
+        return self._handle
+
+    async def _start_late(self) -> None:
+        await self._multicallable._owner._first_resolution()
+        call = self._call
+        if call.over:  # cancelled while it waited
+            raise asyncio.CancelledError
+        if call.start() is Step.FINISH:
+            raise _aio_error(call.error)
+        attempt = call.sending
+        assert attempt is not None
+        self._attempt, self._handle = attempt, self._multicallable._send(call, attempt)
+        for callback in self._callbacks:
+            self._handle.add_done_callback(callback)
+
+    # grpc.aio.Call: the current attempt's.
+    async def initial_metadata(self) -> Any:
+        return await (await self._started()).initial_metadata()
+
+    async def trailing_metadata(self) -> Any:
+        return await (await self._started()).trailing_metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        return await (await self._started()).code()  # type: ignore[no-any-return]
+
+    async def details(self) -> str:
+        return await (await self._started()).details()  # type: ignore[no-any-return]
+
+    async def wait_for_connection(self) -> None:
+        await (await self._started()).wait_for_connection()
+
+    async def write(self, request: Any) -> None:
+        await (await self._started()).write(request)
+
+    async def done_writing(self) -> None:
+        await (await self._started()).done_writing()
+
+    def cancelled(self) -> bool:
+        handle = self._handle
+        return self._call.cancelled if handle is None else handle.cancelled()
+
+    def done(self) -> bool:
+        handle = self._handle
+        return self._call.over if handle is None else handle.done()
+
+    def time_remaining(self) -> float | None:
+        handle = self._handle
+        return self._call.remaining() if handle is None else handle.time_remaining()
+
+    def cancel(self) -> bool:
+        handle = self._handle
+        for attempt in self._call.cancel():
+            if attempt.handle is not handle:
+                attempt.handle.cancel()
+        if handle is None:
+            return self._call.cancelled
+        return handle.cancel()  # type: ignore[no-any-return]
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        if self._handle is None:
+            self._callbacks.append(callback)
+        else:
+            self._handle.add_done_callback(callback)
+
+    def __repr__(self) -> str:
+        if self._handle is None:
+            return f"<poolkit.aio call waiting for the first resolution {self._call!r}>"
+        return repr(self._handle)
+
+
+class _UnaryCall(_Proxy, _UnaryUnaryCallBase, _StreamUnaryCallBase):
+    """A unary-response call that may be sent again: awaiting it awaits the current
+    attempt and, while the call goes on, the next."""
+
+    __slots__ = ()
 
     def __del__(self) -> None:
         call = getattr(self, "_call", None)
@@ -254,6 +349,8 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
             call.abandon()
 
     def __await__(self) -> Generator[Any, None, Any]:
+        if self._handle is None:
+            yield from self._started().__await__()
         call = self._call
         if call.timer is not None:  # hedged: several attempts may be out at once
             return (yield from self._drive(Step.WAIT).__await__())
@@ -261,7 +358,7 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         try:
             response = yield from handle.__await__()
         except grpc.aio.AioRpcError as error:
-            call.ended(self._attempt, error.code(), error.details(), error.trailing_metadata())
+            call.ended(self._current, error.code(), error.details(), error.trailing_metadata())
             return (yield from self._drive(call.next()).__await__())
         except asyncio.CancelledError as cancelled:
             if _expired(handle):
@@ -270,14 +367,17 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         except Exception:
             _abandon(handle)
             raise
-        call.ended(self._attempt, _OK, None)
+        call.ended(self._current, _OK, None)
         return response
 
     async def _drive(self, step: Step) -> Any:
         """Carry out the call's steps until it is over: attempts in flight awaited
         together (a hedge), backoffs slept, the answer of the attempt that ends it."""
         call = self._call
-        running = {asyncio.ensure_future(_outcome(self._handle)): self._attempt} if self._attempt.code is None else {}
+        first = self._current
+        running: dict[asyncio.Future[Any], Attempt] = {}
+        if first.code is None:
+            running[asyncio.ensure_future(_outcome(self._handle))] = first
         answers: dict[Attempt, Any] = {}
         try:
             while step is not Step.FINISH:
@@ -318,49 +418,6 @@ class _UnaryCall(_UnaryUnaryCallBase, _StreamUnaryCallBase):
         if final.code is _OK and final in answers:
             return answers[final]
         return await final.handle  # a failed attempt raises its error again
-
-    # grpc.aio.Call: the current attempt's.
-    async def initial_metadata(self) -> Any:
-        return await self._handle.initial_metadata()
-
-    async def trailing_metadata(self) -> Any:
-        return await self._handle.trailing_metadata()
-
-    async def code(self) -> grpc.StatusCode:
-        return await self._handle.code()  # type: ignore[no-any-return]
-
-    async def details(self) -> str:
-        return await self._handle.details()  # type: ignore[no-any-return]
-
-    async def wait_for_connection(self) -> None:
-        await self._handle.wait_for_connection()
-
-    async def write(self, request: Any) -> None:
-        await self._handle.write(request)
-
-    async def done_writing(self) -> None:
-        await self._handle.done_writing()
-
-    def cancelled(self) -> bool:
-        return self._handle.cancelled()  # type: ignore[no-any-return]
-
-    def done(self) -> bool:
-        return self._handle.done()  # type: ignore[no-any-return]
-
-    def time_remaining(self) -> float | None:
-        return self._handle.time_remaining()  # type: ignore[no-any-return]
-
-    def cancel(self) -> bool:
-        for attempt in self._call.cancel():
-            if attempt.handle is not self._handle:
-                attempt.handle.cancel()
-        return self._handle.cancel()  # type: ignore[no-any-return]
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self._handle.add_done_callback(callback)
-
-    def __repr__(self) -> str:
-        return repr(self._handle)
 
 
 async def _outcome(handle: Any) -> Any:
@@ -463,7 +520,7 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         return self._start(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
 
 
-class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
+class _Stream(_Proxy, _UnaryStreamCallBase, _StreamStreamCallBase):
     """grpc.aio's streaming call, as the caller sees it: the caller's reads drive the call
     (before the first message a failed attempt may be followed by another, as the call
     decides), and it is cancelled when the caller drops it.
@@ -475,13 +532,7 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
     `async for reply in stub.Stream(request)` keeps the call alive while it runs.
     """
 
-    __slots__ = ("_attempt", "_call", "_handle", "_multicallable")
-
-    def __init__(self, multicallable: _MultiCallable, call: Call, attempt: Attempt, handle: Any) -> None:
-        self._multicallable = multicallable
-        self._call = call
-        self._attempt = attempt
-        self._handle = handle
+    __slots__ = ()
 
     def __del__(self) -> None:
         call = getattr(self, "_call", None)
@@ -489,14 +540,14 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
             return
         call.abandon()
         handle = self._handle
-        if not handle.done():
+        if handle is not None and not handle.done():
             handle.cancel()
 
     async def _again(self, error: grpc.aio.AioRpcError) -> bool:
         """The current attempt failed before any message: start the next one if the call
         goes on (True), after its backoff."""
         call = self._call
-        call.ended(self._attempt, error.code(), error.details(), error.trailing_metadata())
+        call.ended(self._current, error.code(), error.details(), error.trailing_metadata())
         step = call.next()
         while step is Step.WAIT:
             assert call.timer is not None  # a stream waits only for a backoff
@@ -510,10 +561,12 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
         return True
 
     def __aiter__(self) -> _Messages:
-        return _Messages(self, self._handle.__aiter__())
+        return _Messages(self, None if self._handle is None else self._handle.__aiter__())
 
     async def read(self) -> Any:
         call = self._call
+        if self._handle is None:
+            await self._started()
         try:
             while not call.read:
                 try:
@@ -529,46 +582,6 @@ class _Stream(_UnaryStreamCallBase, _StreamStreamCallBase):
             if _expired(self._handle):
                 raise _deadline_exceeded() from cancelled
             raise
-
-    async def write(self, request: Any) -> None:
-        await self._handle.write(request)
-
-    async def done_writing(self) -> None:
-        await self._handle.done_writing()
-
-    async def wait_for_connection(self) -> None:
-        await self._handle.wait_for_connection()
-
-    async def initial_metadata(self) -> Any:
-        return await self._handle.initial_metadata()
-
-    async def trailing_metadata(self) -> Any:
-        return await self._handle.trailing_metadata()
-
-    async def code(self) -> grpc.StatusCode:
-        return await self._handle.code()  # type: ignore[no-any-return]
-
-    async def details(self) -> str:
-        return await self._handle.details()  # type: ignore[no-any-return]
-
-    def cancelled(self) -> bool:
-        return self._handle.cancelled()  # type: ignore[no-any-return]
-
-    def done(self) -> bool:
-        return self._handle.done()  # type: ignore[no-any-return]
-
-    def time_remaining(self) -> float | None:
-        return self._handle.time_remaining()  # type: ignore[no-any-return]
-
-    def cancel(self) -> bool:
-        self._call.cancel()
-        return self._handle.cancel()  # type: ignore[no-any-return]
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self._handle.add_done_callback(callback)
-
-    def __repr__(self) -> str:
-        return repr(self._handle)
 
 
 class _Messages:
@@ -594,6 +607,8 @@ class _Messages:
         """The first message, sending the call again while the call goes on (and a
         deadline that grpc.aio reports as a cancellation, as the DEADLINE_EXCEEDED it is)."""
         stream = self._stream
+        if self._iterator is None:
+            self._iterator = (await stream._started()).__aiter__()
         try:
             while True:
                 try:

@@ -26,7 +26,7 @@ from ._aio_call import (
 )
 from ._aio_watch import check_health, discover, follow_connectivity
 from ._config import PoolConfig
-from ._errors import ConfigError
+from ._errors import ConfigError, SourceBindingUnavailable
 from ._pool import Route
 from ._shell import (
     _PARENTS_OBJECTS,
@@ -37,6 +37,7 @@ from ._shell import (
     checked_grace,
     slot_options,
 )
+from ._target import Endpoint
 
 Interceptors = Sequence[grpc.aio.ClientInterceptor]
 
@@ -92,7 +93,12 @@ class Channel(Pooled, grpc.aio.Channel):
         if compression is not None and not isinstance(compression, grpc.Compression):
             # grpc.aio would take it too and fail on the first call, naming neither.
             raise ConfigError("compression", compression, "must be None or a grpc.Compression")
-        super().__init__(target, config, options, clock, rng)
+        # Made on an event loop, what would block it (DNS, a resolver, the source-binding
+        # self-check) runs in a worker thread instead: calls made meanwhile wait for it.
+        super().__init__(target, config, options, clock, rng, defer=_on_a_loop())
+        self._resolved = asyncio.Event()
+        if not self.resolving:
+            self._resolved.set()
         self._credentials = credentials
         self._compression = compression
         self._interceptors = list(interceptors) if interceptors is not None else None
@@ -145,8 +151,38 @@ class Channel(Pooled, grpc.aio.Channel):
         self._tasks = {}
         for route in self._pool.routes:
             self._start_route(route)
+        background = []
+        if self.resolving:
+            background.append(asyncio.ensure_future(self._resolve_first()))
         if self._discovery.dynamic:
-            self._tasks[self] = [asyncio.ensure_future(discover(weakref.ref(self)))]
+            background.append(asyncio.ensure_future(discover(weakref.ref(self))))
+        if background:
+            self._tasks[self] = background
+
+    async def _resolve_first(self) -> None:
+        """The first resolution of a channel made on the loop, in a worker thread. A target
+        that does not resolve (or no source can reach) leaves the pool empty, and calls
+        fail at once saying why, as they would after any failed resolution."""
+        loop = asyncio.get_running_loop()
+        endpoints: list[Endpoint] | None = None
+        error = None
+        try:
+            endpoints = await loop.run_in_executor(None, self.first_endpoints, self._pool.sources)
+        except (ConfigError, SourceBindingUnavailable) as failure:
+            error = str(failure)
+        finally:
+            if endpoints is not None:
+                self._apply(endpoints)
+            if error is not None:
+                self._pool.resolver_error = error
+            self.resolving = False
+            self._resolved.set()
+
+    async def _first_resolution(self) -> None:
+        """Wait for the channel's first resolution, when it runs off the loop."""
+        if self.resolving:
+            self._start_background()
+            await self._resolved.wait()
 
     def _close_route(self, route: Route) -> None:
         for task in self._tasks.pop(route, []) if self._tasks is not None else []:
@@ -236,6 +272,8 @@ class Channel(Pooled, grpc.aio.Channel):
             ]
             # grpc.aio does not always wake a state waiter when the channel closes under it.
             waits.append(asyncio.ensure_future(self._closed.wait()))
+            if self.resolving:
+                waits.append(asyncio.ensure_future(self._first_resolution()))
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -245,6 +283,7 @@ class Channel(Pooled, grpc.aio.Channel):
     async def channel_ready(self) -> None:
         """Wait until at least one connection of the pool is ready."""
         self._start_background()
+        await self._first_resolution()
         while (state := self.get_state(try_to_connect=True)) is not grpc.ChannelConnectivity.READY:
             if state is grpc.ChannelConnectivity.SHUTDOWN:
                 raise AioPoolClosedError(f"poolkit channel to {self._pool.target} is closed")
@@ -257,6 +296,7 @@ class Channel(Pooled, grpc.aio.Channel):
         if not self._pool.close():
             return
         self._closed.set()
+        self._resolved.set()  # calls waiting for the first resolution find the pool closed
         # Health streams first: a channel's close(grace) would wait for them too.
         tasks = [task for route_tasks in (self._tasks or {}).values() for task in route_tasks]
         for task in tasks:
@@ -277,3 +317,11 @@ class Channel(Pooled, grpc.aio.Channel):
         """A JSON-serialisable snapshot: endpoints, slots, their state, calls, errors, EWMA."""
         self.get_state()
         return super().describe()
+
+
+def _on_a_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

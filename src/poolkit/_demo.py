@@ -14,6 +14,7 @@ stops itself.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import math
 import shutil
@@ -306,8 +307,11 @@ def run_pooled_aio(servers: LocalServers, options: DemoOptions, out: TextIO) -> 
 
 async def _open_aio_channel(target: str, config: PoolConfig) -> AioChannel:
     """A poolkit.aio channel, made on the loop that will run its calls (a coroutine so that
-    it runs there)."""
-    return aio_insecure_channel(target, config=config, options=RECONNECT_OPTIONS)
+    it runs there), once it has a connection ready (its first resolution and the
+    source-binding self-check run off the loop: the display reads its routes at once)."""
+    channel = aio_insecure_channel(target, config=config, options=RECONNECT_OPTIONS)
+    await asyncio.wait_for(channel.channel_ready(), CALL_TIMEOUT * 10)
+    return channel
 
 
 def _drive_pooled(

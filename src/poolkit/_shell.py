@@ -20,7 +20,7 @@ from ._discovery import Discovery
 from ._errors import ConfigError
 from ._pool import PoolState, Route, Slot
 from ._retry import Plan
-from ._target import Endpoint, sources_for
+from ._target import Endpoint, Source, sources_for
 
 _log = logging.getLogger("poolkit")
 _READY = grpc.ChannelConnectivity.READY
@@ -104,6 +104,8 @@ class Pooled:
         options: ChannelOptions | None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        *,
+        defer: bool = False,
     ) -> None:
         if config is None:
             config = PoolConfig()
@@ -112,11 +114,12 @@ class Pooled:
         self._grpc_options = validated_options(options)
         rng = rng or random.Random()
         self._discovery = Discovery(target, config, rng, clock())
-        endpoints = self._discovery.first()
         sources = _source.resolve_sources(config.source_addresses)
-        if sources:
-            _source.check_routable(endpoints, sources)
-            _source.self_check()
+        # With `defer`, what would block (a DNS lookup, a resolver, the source-binding
+        # self-check) is left to the shell to run off its event loop (`first_endpoints`);
+        # the pool starts empty and `resolving` says so until the shell has applied it.
+        self.resolving = defer and (self._discovery.dynamic or (bool(sources) and not _source.self_checked()))
+        endpoints = [] if self.resolving else self.first_endpoints(sources)
         self._pool = PoolState(self._discovery.target, endpoints, config, clock=clock, rng=rng, sources=sources)
         self._pool.resolver_error = self._discovery.last_error
         self._method_ids: dict[tuple[Any, ...], int] = {}
@@ -126,6 +129,16 @@ class Pooled:
         self._semconv = _telemetry.Semconv()  # read when the channel is built
         _telemetry.watch(self)
         _fork.register(self)
+
+    def first_endpoints(self, sources: Sequence[Source]) -> list[Endpoint]:
+        """The endpoints the channel starts with (blocking: DNS, a resolver, the
+        source-binding self-check). A target that does not resolve, or that no source
+        address can reach, is a `ConfigError`."""
+        endpoints = self._discovery.first()
+        if sources:
+            _source.check_routable(endpoints, sources)
+            _source.self_check()
+        return endpoints
 
     def _after_fork(self, parent: int) -> None:
         """In a forked child: refuse calls, saying why, and never touch the parent's grpc

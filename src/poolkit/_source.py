@@ -179,6 +179,12 @@ _checked: bool | None = None
 _check_error = ""
 
 
+def self_checked() -> bool:
+    """Whether this process has run the self-check (whatever it found)."""
+    with _LOCK:
+        return _checked is not None
+
+
 def self_check() -> None:
     """Prove once per process that grpc binds through the mutator: a connection to a
     loopback listener must arrive from `_SELF_CHECK_SOURCE`. Raise
