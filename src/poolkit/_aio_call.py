@@ -173,6 +173,8 @@ class _MultiCallable(MultiCallableBase):
 def _report(call: Call, attempt: Attempt, handle: Any) -> None:
     """grpc.aio's done-callback: an attempt ended, as grpc reports it (a task cancelled
     just after its call succeeded leaves the call OK)."""
+    if attempt.code is not None:
+        return  # the driver that awaited it reported it already
     code = _finished(handle.code(), _UNKNOWN)
     if code is _OK:
         call.ended(attempt, code, None)
@@ -388,20 +390,7 @@ class _UnaryCall(_Proxy, _UnaryUnaryCallBase, _StreamUnaryCallBase):
                     running[asyncio.ensure_future(_outcome(self._handle))] = attempt
                     step = Step.WAIT
                     continue
-                if not running:
-                    assert call.timer is not None  # a backoff
-                    await asyncio.sleep(call.timer)
-                    step = call.timer_fired()
-                    continue
-                done, _ = await asyncio.wait(running, timeout=call.timer, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    step = call.timer_fired()
-                    continue
-                for task in done:
-                    attempt = running.pop(task)
-                    answers[attempt] = task.result()
-                    _report(call, attempt, attempt.handle)
-                step = call.next()
+                step = await self._wait(running, answers)
         except asyncio.CancelledError as cancelled:
             call.cancel()
             if _expired(self._handle):
@@ -419,14 +408,36 @@ class _UnaryCall(_Proxy, _UnaryUnaryCallBase, _StreamUnaryCallBase):
             return answers[final]
         return await final.handle  # a failed attempt raises its error again
 
+    async def _wait(self, running: dict[asyncio.Future[Any], Attempt], answers: dict[Attempt, Any]) -> Step:
+        """Wait for the call's timer or an attempt in flight, whichever comes first; report
+        what ended; what the call does next."""
+        call = self._call
+        if not running:
+            assert call.timer is not None  # a backoff
+            await asyncio.sleep(call.timer)
+            return call.timer_fired()
+        done, _ = await asyncio.wait(running, timeout=call.timer, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            return call.timer_fired()
+        for task in done:
+            attempt = running.pop(task)
+            answers[attempt], error = task.result()
+            if error is None:
+                _report(call, attempt, attempt.handle)
+            else:
+                call.ended(attempt, error.code(), error.details(), error.trailing_metadata())
+        return call.next()
 
-async def _outcome(handle: Any) -> Any:
-    """An attempt's response (None when it failed: its done-callback reports how), for
-    waiting on several attempts at once."""
+
+async def _outcome(handle: Any) -> tuple[Any, grpc.aio.AioRpcError | None]:
+    """An attempt's response, or the error it failed with (neither when it was
+    cancelled: its done-callback reports that), for waiting on several attempts at once."""
     try:
-        return await handle
-    except (grpc.aio.AioRpcError, asyncio.CancelledError):
-        return None
+        return await handle, None
+    except grpc.aio.AioRpcError as error:
+        return None, error
+    except asyncio.CancelledError:
+        return None, None
 
 
 def _expired(call: Any) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 import weakref
@@ -196,10 +197,18 @@ class Channel(Pooled, grpc.aio.Channel):
             closing.add_done_callback(self._closing.discard)
 
     def __del__(self) -> None:
-        # A channel dropped without close(): its tasks must not outlive it.
-        for tasks in (getattr(self, "_tasks", None) or {}).values():
-            for task in tasks:
-                task.cancel()
+        # A channel dropped without close(): its tasks must not outlive it, and its
+        # connections are closed on its loop as close() would, rather than whenever the
+        # collector gets to its grpc channels (which its ending tasks hold meanwhile).
+        tasks = [task for route_tasks in (getattr(self, "_tasks", None) or {}).values() for task in route_tasks]
+        for task in tasks:
+            _drop(task)
+        pool = getattr(self, "_pool", None)
+        if not tasks or pool is None or pool.closed:
+            return  # never started on a loop (nothing to close there), or closed already
+        channels = [slot.channel for slot in pool.slots]
+        channels.extend(getattr(self, "_health_channels", {}).values())
+        _on_loop(tasks[0].get_loop(), functools.partial(_close_dropped, channels))
 
     def _open(self, route: Route, *, interceptors: bool = True) -> grpc.aio.Channel:
         endpoint = route.endpoint
@@ -298,14 +307,21 @@ class Channel(Pooled, grpc.aio.Channel):
         self._closed.set()
         self._resolved.set()  # calls waiting for the first resolution find the pool closed
         # Health streams first: a channel's close(grace) would wait for them too.
-        tasks = [task for route_tasks in (self._tasks or {}).values() for task in route_tasks]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, *self._closing, return_exceptions=True)
+        await self._stop_background()
         channels = [slot.channel for slot in self._pool.slots]
         await asyncio.gather(
             *(channel.close(grace) for channel in channels), *(c.close(None) for c in self._health_channels.values())
         )
+
+    async def _stop_background(self) -> None:
+        """Cancel the background tasks and wait until they end, then forget them: a task
+        ended by its health check's cancellation keeps that call, and so the connection,
+        open for as long as it is kept."""
+        tasks = [task for route_tasks in (self._tasks or {}).values() for task in route_tasks]
+        self._tasks = {}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *self._closing, return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         return self
@@ -317,6 +333,46 @@ class Channel(Pooled, grpc.aio.Channel):
         """A JSON-serialisable snapshot: endpoints, slots, their state, calls, errors, EWMA."""
         self.get_state()
         return super().describe()
+
+
+# The closes of dropped channels' grpc channels, kept until they end (a task that nothing
+# holds may be collected before it ends).
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
+def _drop(task: asyncio.Task[None]) -> None:
+    """Cancel a background task of a dropped channel, from whichever thread collects it."""
+    if task.done():
+        return
+    loop = task.get_loop()
+    if loop.is_closed():
+        # Closed with the task pending (asyncio.run cancels them first; a loop closed by
+        # hand does not): nothing will run it again, and it goes quietly rather than
+        # with asyncio's "Task was destroyed but it is pending!" for a task the
+        # application never made.
+        task._log_destroy_pending = False  # type: ignore[attr-defined]
+        return
+    _on_loop(loop, task.cancel)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, action: Callable[[], object]) -> None:
+    """Do `action` on `loop`: now if this is its thread, else soon, from its thread."""
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs on this thread
+        here = None
+    if here is loop:
+        action()
+        return
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing can be done on it
+        loop.call_soon_threadsafe(action)
+
+
+def _close_dropped(channels: list[grpc.aio.Channel]) -> None:
+    for channel in channels:
+        closing = asyncio.ensure_future(channel.close(None))
+        _CLOSING.add(closing)
+        closing.add_done_callback(_CLOSING.discard)
 
 
 def _on_a_loop() -> bool:

@@ -8,9 +8,10 @@ but what grpc itself does.
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import functools
 import random
+import sys
 import threading
 import time
 import weakref
@@ -45,6 +46,11 @@ _JOIN_TIMEOUT = 2.0
 _POLLERS_STOP = 0.5
 # How often close() looks whether the pollers have stopped.
 _POLLERS_LOOK = 0.005
+
+# The sync channels not closed yet, which the exit hook closes (`_close_at_exit`), and the
+# threads closing the connections of channels dropped without close(), which it waits for.
+_OPEN: weakref.WeakSet[Channel] = weakref.WeakSet()
+_CLOSERS: set[threading.Thread] = set()
 
 _OK = grpc.StatusCode.OK
 ConnectivityCallback = Callable[[grpc.ChannelConnectivity], None]
@@ -105,6 +111,7 @@ class Channel(Pooled, grpc.Channel):
             self._open_route(route)
         dynamic = self._discovery.dynamic
         self._discovery_thread = DiscoveryThread(self, self._pool.target) if dynamic else None
+        _OPEN.add(self)
 
     def _open_route(self, route: Route) -> None:
         for slot in route.slots:
@@ -148,6 +155,11 @@ class Channel(Pooled, grpc.Channel):
         waited for together (at most one or two wake-ups, including a reconnect request
         still to be acted on); then the closes are immediate.
         """
+        _close_after_pollers(self._stop_watching(routes))
+
+    def _stop_watching(self, routes: list[Route]) -> list[grpc.Channel]:
+        """Stop the health checks of these routes and grpc's watch of their connections;
+        their grpc channels, to close once grpc's pollers are gone (`_close_after_pollers`)."""
         slots = [slot for route in routes for slot in route.slots]
         with self._kick_lock:
             watchers = [(slot, self._watchers.pop(slot, None)) for slot in slots]
@@ -158,9 +170,7 @@ class Channel(Pooled, grpc.Channel):
         for slot, watcher in watchers:
             if watcher is not None:
                 slot.channel.unsubscribe(watcher)
-        _await_pollers([slot.channel for slot in slots], time.monotonic() + _POLLERS_STOP)
-        for slot in slots:
-            slot.channel.close()
+        return [slot.channel for slot in slots]
 
     def _discovery_step(self) -> float:
         """One round of the discovery thread: resolve if due, retire drained routes;
@@ -242,6 +252,7 @@ class Channel(Pooled, grpc.Channel):
         idle = threading.Event()
         if not self._pool.close(idle.set):
             return
+        _OPEN.discard(self)
         if grace:
             idle.wait(grace)
         self._stop_background()
@@ -249,10 +260,14 @@ class Channel(Pooled, grpc.Channel):
         with self._lock:
             self._subscribers.clear()
 
-    def _stop_background(self) -> None:
+    def _background(self) -> list[HealthThread | DiscoveryThread]:
         threads: list[HealthThread | DiscoveryThread] = list(self._health.values())
         if self._discovery_thread is not None:
             threads.append(self._discovery_thread)
+        return threads
+
+    def _stop_background(self) -> None:
+        threads = self._background()
         for thread in threads:
             thread.stop()
         for thread in threads:
@@ -263,6 +278,11 @@ class Channel(Pooled, grpc.Channel):
         # connections are closed as close() would, off the collecting thread (which must
         # not wait for grpc's pollers). Left to grpc, each grpc channel would be closed as
         # it is collected, under its still-running poller.
+        if sys.is_finalizing():
+            # Collected as the interpreter shuts down, when no thread can start (3.11 waits
+            # for ever on one) and the others stop wherever they are: the exit hook has
+            # closed every channel still open before that (`_close_at_exit`).
+            return
         for thread in getattr(self, "_health", {}).values():
             thread.stop()
         discovery = getattr(self, "_discovery_thread", None)
@@ -275,9 +295,12 @@ class Channel(Pooled, grpc.Channel):
             slot.channel.unsubscribe(watcher)
         watchers.clear()
         channels = [slot.channel for slot in pool.slots if slot.channel is not None]
-        closer = threading.Thread(target=_close_after_pollers, args=(channels,), name="poolkit-close", daemon=True)
-        with contextlib.suppress(RuntimeError):  # the interpreter is shutting down: no new threads
+        closer = threading.Thread(target=_close_dropped, args=(channels,), name="poolkit-close", daemon=True)
+        _CLOSERS.add(closer)
+        try:
             closer.start()
+        except RuntimeError:  # 3.12 starts no thread in an exit hook either: left to grpc
+            _CLOSERS.discard(closer)
 
     def __enter__(self) -> Self:
         return self
@@ -336,6 +359,46 @@ def _close_after_pollers(channels: list[grpc.Channel]) -> None:
     _await_pollers(channels, time.monotonic() + _POLLERS_STOP)
     for channel in channels:
         channel.close()
+
+
+def _close_dropped(channels: list[grpc.Channel]) -> None:
+    """The closing thread of a channel dropped without close()."""
+    try:
+        _close_after_pollers(channels)
+    finally:
+        _CLOSERS.discard(threading.current_thread())
+
+
+def _close_at_exit() -> None:
+    """Close the sync channels still open when the interpreter exits, as close() would
+    without grace, and let those dropped just before finish closing.
+
+    A channel never closed (a module global, say) would otherwise be collected during
+    the interpreter's finalisation, too late: no thread can start then, and poolkit's and
+    grpc's threads are stopped wherever they are. An exit hook runs before that, with
+    every thread still running, and after threading has joined the program's own
+    (non-daemon) threads. All channels are closed together: their pollers told to stop,
+    then waited for at once. A channel with calls still running (in daemon threads) is
+    left open, as grpc leaves its own: only poolkit's threads and grpc's pollers stop.
+    """
+    channels = [channel for channel in list(_OPEN) if not channel._pool.closed]
+    closing = [channel for channel in channels if channel._pool.in_flight == 0 and channel._pool.close()]
+    threads = [thread for channel in channels for thread in channel._background()]
+    for thread in threads:
+        thread.stop()
+    watched = {channel: channel._stop_watching(list(channel._pool.routes)) for channel in channels}
+    _await_pollers(
+        [each for grpc_channels in watched.values() for each in grpc_channels], time.monotonic() + _POLLERS_STOP
+    )
+    for channel in closing:
+        for grpc_channel in watched[channel]:
+            grpc_channel.close()
+    deadline = time.monotonic() + _JOIN_TIMEOUT
+    for waited in [*threads, *list(_CLOSERS)]:
+        waited.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_close_at_exit)
 
 
 def _await_pollers(channels: list[grpc.Channel], deadline: float) -> None:
